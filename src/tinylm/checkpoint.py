@@ -1,0 +1,136 @@
+"""Checkpoints: one directory per save, complete or absent.
+
+    <run>/checkpoints/step-0000200/
+        model.safetensors      weights (a tied head is stored once)
+        trainer_state.pt       optimizer, grad scaler, RNG: tensors and numbers only (weights_only load)
+        tokenizer.json, tokenizer_config.json, special_tokens_map.json
+        meta.json              model config, full config, step, data position, tokenizer fingerprint,
+                               SHA-256 of every file
+
+Written to `step-N.tmp/` and renamed; `latest` names the newest complete one; the oldest beyond
+`keep_last` are removed. Loading is strict: shapes, names and hashes must match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from .config import Config, ModelConfig, config_from_dict
+from .io import atomic_dir, read_json, sha256_file, write_json, write_text
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(run_dir: str | Path, model: Transformer, cfg: Config, tokenizer_dir: str | Path,
+                    trainer: dict, optimizer: torch.optim.Optimizer | None = None, extra_state: dict | None = None,
+                    keep_last: int = 2) -> Path:
+    ckpt_root = Path(run_dir) / "checkpoints"
+    target = ckpt_root / f"step-{trainer['step']:07d}"
+    with atomic_dir(target) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer.state_dict(), **(extra_state or {})}, tmp / "trainer_state.pt")
+        for name in TOKENIZER_FILES:
+            shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        write_json(tmp / "meta.json", {
+            "format": "tinylm-checkpoint/1",
+            "model": dataclasses.asdict(model.cfg),
+            "params": model.num_params(),
+            "tokenizer_fingerprint": Tokenizer.load(tmp).fingerprint,
+            "trainer": trainer,
+            "config": cfg.to_dict(),
+            "files": files,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": {"torch": torch.__version__},
+        })
+    write_text(ckpt_root / "latest", target.name + "\n")
+    _prune(ckpt_root, keep_last)
+    return target
+
+
+def _prune(ckpt_root: Path, keep_last: int) -> None:
+    steps = sorted((p for p in ckpt_root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: p.name)
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    for tmp in root.glob("*.tmp"):  # left by a crash mid-save
+        shutil.rmtree(tmp, ignore_errors=True)
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if (named / "meta.json").is_file():
+            return named
+    complete = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file())
+    return complete[-1] if complete else None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint dir, a stage dir (with checkpoints/) or a run dir (sft/ or pretrain/)."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    for stage in (path, path / "sft", path / "pretrain"):
+        found = latest_checkpoint(stage)
+        if found:
+            return found
+    raise CheckpointError(f"{path}: no checkpoint here (looked for model.safetensors, checkpoints/, sft/, pretrain/)")
+
+
+def verify_files(ckpt: Path, meta: dict) -> None:
+    for name, digest in meta.get("files", {}).items():
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"{ckpt}: {name} is missing")
+        if sha256_file(f) != digest:
+            raise CheckpointError(f"{ckpt}: {name} does not match its SHA-256 in meta.json (corrupted or edited)")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify: bool = True
+                    ) -> tuple[Transformer, Tokenizer, dict]:
+    """Rebuild model and tokenizer from a checkpoint directory; strict about every mismatch."""
+    ckpt = find_checkpoint(path)
+    meta = read_json(ckpt / "meta.json")
+    if verify:
+        verify_files(ckpt, meta)
+    tokenizer = Tokenizer.load(ckpt)
+    if tokenizer.fingerprint != meta["tokenizer_fingerprint"]:
+        raise CheckpointError(f"{ckpt}: tokenizer does not match the one the model was trained with")
+    model = Transformer(ModelConfig(**meta["model"]))
+    missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=True, device=str(device))
+    if missing or unexpected:  # pragma: no cover - strict=True raises first
+        raise CheckpointError(f"{ckpt}: missing {missing}, unexpected {unexpected}")
+    model.to(device)
+    meta["path"] = str(ckpt)
+    return model, tokenizer, meta
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    path = ckpt / "trainer_state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: no trainer_state.pt, cannot resume training from it")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_config(ckpt: Path) -> Config:
+    return config_from_dict(read_json(ckpt / "meta.json")["config"])

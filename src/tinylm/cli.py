@@ -1,0 +1,184 @@
+"""`tinylm <verb>`: thin wrappers over the stage functions.
+
+Every verb takes `--config NAME|PATH`, `--out DIR` and any number of `--section.field=value`
+overrides, parsed once here for all verbs. `tinylm presets` lists presets; `tinylm <verb> -h`
+shows a verb's own flags and `tinylm config-help` every config field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, help_text, load_config, preset_names, to_toml
+
+VERBS = {
+    "run": "tokenizer -> shards -> pretrain -> samples on a corpus (default: the built-in one)",
+    "tokenizer": "train a tokenizer on data.corpus",
+    "shards": "tokenize data.corpus into train/val token shards",
+    "pretrain": "pretrain a model on token shards",
+    "generate": "continue prompts with a trained model",
+    "chat": "talk to a model in the terminal",
+    "info": "describe a checkpoint (size, config, training state)",
+    "presets": "list the config presets",
+    "config-help": "list every config field with its meaning",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=None, help="preset name or TOML file (see `tinylm presets`)")
+    common.add_argument("--out", default=None, help="output directory")
+    parser = argparse.ArgumentParser(prog="tinylm", description="Train a small language model from scratch and talk to it.",
+                                     epilog="Any config field can be set as --section.field=value; see `tinylm config-help`.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = {name: sub.add_parser(name, parents=[common], help=text, description=text) for name, text in VERBS.items()}
+    p["shards"].add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p["pretrain"].add_argument("--shards", required=True, help="shard directory (its meta.json names the tokenizer)")
+    for verb in ("generate", "chat", "info"):
+        p[verb].add_argument("checkpoint", help="checkpoint, stage or run directory")
+    p["generate"].add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: sample.prompts)")
+    for verb in ("generate", "chat"):
+        p[verb].add_argument("--device", default="auto")
+    p["chat"].add_argument("--system", default="", help="system message")
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Known flags to argparse; `--section.field[=value]` pairs to the config."""
+    args, rest = _parser().parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--") or "." not in item.split("=")[0]:
+            raise ConfigError(f"unrecognised argument {item!r}: config overrides look like --section.field=value")
+        if "=" not in item:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"{item} needs a value")
+            item, i = f"{item}={rest[i + 1]}", i + 1
+        overrides.append(item[2:])
+        i += 1
+    return args, overrides
+
+
+def _config(args, overrides, base: Config | None = None) -> Config:
+    return load_config(args.config, overrides, base=base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, overrides = parse(argv)
+        return COMMANDS[args.verb](args, overrides) or 0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"tinylm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_run(args, overrides) -> int:
+    from .pipeline import run
+
+    out = Path(args.out or "runs/default")
+    # rerunning a run directory without --config continues with the config it was made with
+    saved = out / "config.toml"
+    cfg = load_config(args.config or (str(saved) if saved.is_file() else "cpu-demo"), overrides)
+    run(cfg, out)
+    return 0
+
+
+def cmd_tokenizer(args, overrides) -> int:
+    from .pipeline import tokenizer_stage
+
+    tokenizer_stage(_config(args, overrides), args.out or "runs/default/tokenizer", force=True)
+    return 0
+
+
+def cmd_shards(args, overrides) -> int:
+    from .pipeline import shards_stage
+
+    shards_stage(_config(args, overrides), args.tokenizer, args.out or "runs/default/shards", force=True)
+    return 0
+
+
+def cmd_pretrain(args, overrides) -> int:
+    from .pipeline import pretrain
+
+    summary = pretrain(_config(args, overrides), args.shards, args.out or "runs/default/pretrain")
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _saved_config(checkpoint: str) -> Config:
+    from .checkpoint import checkpoint_config, find_checkpoint
+
+    return checkpoint_config(find_checkpoint(checkpoint))
+
+
+def cmd_generate(args, overrides) -> int:
+    from .api import load
+    from .io import write_json, write_text
+
+    cfg = _config(args, overrides, base=_saved_config(args.checkpoint))
+    lm = load(args.checkpoint, device=args.device)
+    sampling = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "prompts"}
+    results = []
+    for prompt in args.prompt or cfg.sample.prompts:
+        print(prompt, end="", flush=True)
+        pieces = []
+        for piece in lm.stream(prompt, **sampling):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print("\n")
+        results.append({"prompt": prompt, "completion": "".join(pieces)})
+    if args.out:
+        write_json(Path(args.out) / "generations.json", {"checkpoint": lm.meta["path"], "samples": results})
+        write_text(Path(args.out) / "config.toml", to_toml(cfg))
+    return 0
+
+
+def cmd_chat(args, overrides) -> int:
+    from .chat import chat_loop
+
+    cfg = _config(args, overrides, base=_saved_config(args.checkpoint))
+    return chat_loop(args.checkpoint, cfg, device=args.device, system=args.system, out_dir=args.out)
+
+
+def cmd_info(args, overrides) -> int:
+    from .checkpoint import find_checkpoint
+    from .io import read_json
+
+    ckpt = find_checkpoint(args.checkpoint)
+    meta = read_json(ckpt / "meta.json")
+    trainer = meta.get("trainer", {})
+    print(f"checkpoint: {ckpt}")
+    print(f"parameters: {meta['params']:,}")
+    print(f"model: {json.dumps(meta['model'])}")
+    print(f"trained: {trainer.get('stage')} step {trainer.get('step')}, {trainer.get('tokens', 0):,} tokens, "
+          f"best val loss {trainer.get('best_val_loss')}")
+    print(f"tokenizer: {meta['tokenizer_fingerprint']}")
+    return 0
+
+
+def cmd_presets(args, overrides) -> int:
+    for name in preset_names():
+        print(name)
+    return 0
+
+
+def cmd_config_help(args, overrides) -> int:
+    print(help_text())
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain,
+            "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "presets": cmd_presets,
+            "config-help": cmd_config_help}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""One configuration schema for every stage.
+
+Each section is a dataclass; the docstring-like comment after each field is its help text.
+Presets are TOML files in `configs/` (shipped inside the package); any field can be overridden
+on the command line as `--section.field=value`. The resolved config is written next to every
+output as `config.toml`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 256  # width of the residual stream
+    n_layers: int = 4  # number of transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 0  # key/value heads for grouped-query attention (0 = same as n_heads)
+    ffn_hidden: int = 0  # SwiGLU hidden width (0 = 8/3 * dim rounded up to multiple_of)
+    multiple_of: int = 64  # rounding for the derived SwiGLU width
+    max_seq_len: int = 256  # context length in tokens
+    vocab_size: int = 0  # 0 = take it from the tokenizer (the usual case)
+    rope_base: float = 10000.0  # rotary embedding base (theta)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    dropout: float = 0.0  # dropout on attention output and MLP output
+    tie_embeddings: bool = True  # share the input embedding with the output head
+    init_std: float = 0.02  # std of the normal init of every matrix
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        hidden = int(8 * self.dim / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def validate(self) -> None:
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head dimension {self.head_dim} must be even for rotary embeddings")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "bpe"  # "bpe" (byte-level BPE, Hugging Face tokenizers) or "sentencepiece"
+    vocab_size: int = 4096  # vocabulary size including special tokens
+    min_frequency: int = 2  # a merge must occur this often to be learnt
+    max_train_chars: int = 50_000_000  # train on at most this many characters of the corpus
+    held_out_docs: int = 200  # validation documents used to report compression (bytes per token)
+
+
+@dataclass
+class DataConfig:
+    corpus: list[str] = field(default_factory=lambda: ["builtin"])  # files, folders or "builtin"
+    text_fields: list[str] = field(default_factory=lambda: ["text", "content"])  # JSON fields holding text, first found wins
+    doc_separator: str = "<|endoftext|>"  # a line holding only this splits a .txt file into documents
+    txt_chunk_chars: int = 8192  # .txt files without separators are cut at blank lines into documents of about this size
+    val_fraction: float = 0.05  # share of documents held out for validation (by a stable hash of the text)
+    shard_tokens: int = 50_000_000  # tokens per shard file
+    workers: int = 0  # tokenizer processes for sharding (0 = one per core)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337  # seeds weights, data order and dropout
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    dtype: str = "auto"  # "auto" (bf16 where supported, fp16+scaler on old GPUs), "bf16", "fp16", "fp32"
+    compile: bool = False  # torch.compile the model
+    batch_size: int = 16  # sequences per micro-batch (per rank)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    warmup_steps: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
+    max_epochs: float = 0.0  # stop after this many passes over the training tokens (0 = no limit)
+    max_tokens: int = 0  # stop after this many training tokens (0 = no limit)
+    max_time: float = 0.0  # stop after this many seconds of training (0 = no limit)
+    eval_every: int = 100  # validation every N steps (0 = only at the end)
+    eval_batches: int = 20  # micro-batches per validation
+    log_every: int = 10  # one log line every N steps
+    save_every: int = 500  # checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept on disk
+    resume: bool = True  # continue from the newest checkpoint in the output directory
+    init_from: str = ""  # checkpoint to start the weights from (fine-tuning)
+    wandb_project: str = ""  # log to this Weights & Biases project (needs `pip install wandb`)
+    tensorboard: bool = False  # write TensorBoard event files (needs `pip install tensorboard`)
+
+
+@dataclass
+class SampleConfig:
+    max_new_tokens: int = 120  # tokens to generate
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # keep the k most likely tokens (0 = off)
+    top_p: float = 0.95  # nucleus sampling threshold (1 = off)
+    repetition_penalty: float = 1.1  # >1 discourages tokens already present (1 = off)
+    stop: list[str] = field(default_factory=list)  # extra stop strings
+    seed: int = 0  # sampling seed (0 = random)
+    prompts: list[str] = field(default_factory=lambda: ["Hello, how are you", "What do you like to do", "I think that"])  # prompts for the samples printed after training
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        if self.tokenizer.kind not in ("bpe", "sentencepiece"):
+            raise ConfigError(f"tokenizer.kind must be 'bpe' or 'sentencepiece', not {self.tokenizer.kind!r}")
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            raise ConfigError("data.val_fraction must be in [0, 1)")
+        return self
+
+
+_SECTION_TYPES = typing.get_type_hints(Config)
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(_SECTION_TYPES[section])
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(options))})"
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Turn a TOML value or a command-line string into the field's type."""
+    origin = typing.get_origin(typ)
+    if origin in (list, typing.List):
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    try:
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and ("e" in value.lower()) else int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+    raise ConfigError(f"{where}: unsupported type {typ}")  # pragma: no cover
+
+
+def set_value(cfg: Config, dotted: str, value: Any, origin: str = "override") -> None:
+    section, _, name = dotted.partition(".")
+    if section not in _SECTION_TYPES or not name:
+        raise ConfigError(f"{origin}: unknown section {section!r}{_suggest(section, list(_SECTION_TYPES))}")
+    types_ = _field_types(section)
+    if name not in types_:
+        raise ConfigError(f"{origin}: unknown key {dotted!r}{_suggest(name, list(types_))}")
+    setattr(getattr(cfg, section), name, _coerce(value, types_[name], f"{origin}: {dotted}"))
+
+
+def merge_dict(cfg: Config, data: dict[str, Any], origin: str) -> None:
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: top-level key {section!r} must be a [section]{_suggest(section, list(_SECTION_TYPES))}")
+        for name, value in values.items():
+            set_value(cfg, f"{section}.{name}", value, origin)
+
+
+PRESET_DIRS = [
+    Path(__file__).resolve().parent / "configs",  # installed wheel
+    Path(__file__).resolve().parents[2] / "configs",  # source checkout / editable install
+]
+
+
+def preset_names() -> list[str]:
+    return sorted({p.stem for d in PRESET_DIRS if d.is_dir() for p in d.glob("*.toml")})
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.is_file():
+        return path
+    for d in PRESET_DIRS:
+        candidate = d / f"{name_or_path}.toml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"no config file or preset named {name_or_path!r}{_suggest(name_or_path, preset_names())}")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
+                base: Config | None = None) -> Config:
+    """Defaults (or `base`), then a preset or TOML file, then overrides (`section.field=value`)."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
+    if name_or_path:
+        path = resolve_preset(name_or_path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        merge_dict(cfg, data, str(path))
+    if isinstance(overrides, dict):
+        for k, v in overrides.items():
+            set_value(cfg, k, v)
+    else:
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} must look like section.field=value")
+            set_value(cfg, key.strip().lstrip("-"), value.strip())
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    merge_dict(cfg, data, "saved config")
+    return cfg.validate()
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def to_toml(cfg: Config) -> str:
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def help_text() -> str:
+    """Every field with its default and comment, read from this file: the CLI's `--help-config`."""
+    source = Path(__file__).read_text(encoding="utf-8").splitlines()
+    out, section = [], None
+    for line in source:
+        stripped = line.strip()
+        if stripped.startswith("class ") and stripped.endswith("Config:") and stripped != "class Config:":
+            section = stripped[6:-8].lower()
+        elif section and ":" in stripped and "#" in stripped and not stripped.startswith(("def", "@", "#")):
+            name = stripped.split(":")[0]
+            out.append(f"  --{section}.{name:<22} {stripped.split('#', 1)[1].strip()}")
+    return "\n".join(out)
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "ModelConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
+    "config_from_dict", "load_config", "preset_names", "to_toml",
+]

@@ -1,0 +1,222 @@
+"""Reading documents: text files, JSON Lines, JSON lists and the built-in corpus, all streamed.
+
+Every document keeps where it came from (`source` = file:line or package name). Errors name the
+file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib import metadata, resources
+from pathlib import Path
+
+from .config import DataConfig
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+JSON_SUFFIXES = (".json",)
+KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES
+BUILTIN = "builtin"
+BUILTIN_PACKAGES = ("chitchat-dataset", "chatterbot-corpus")
+
+
+class CorpusError(ValueError):
+    """Input that cannot be read; the message names file, line and field."""
+
+
+@dataclass
+class Document:
+    text: str
+    source: str
+
+
+def is_validation(text: str, fraction: float) -> bool:
+    """Stable train/validation split by document: a hash of the text, not its position."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def _suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start})") from None
+
+
+def read_text_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
+    """Documents end at separator lines; without them, at the blank line after `txt_chunk_chars`."""
+    buf: list[str] = []
+    size, start = 0, 1
+    for lineno, line in _lines(path):
+        stripped = line.strip()
+        boundary = stripped == cfg.doc_separator or (not stripped and size >= cfg.txt_chunk_chars)
+        if boundary:
+            text = "".join(buf).strip("\n")
+            if text.strip():
+                yield Document(text, f"{path}:{start}")
+            buf, size, start = [], 0, lineno + 1
+            continue
+        buf.append(line)
+        size += len(line)
+    text = "".join(buf).strip("\n")
+    if text.strip():
+        yield Document(text, f"{path}:{start}")
+
+
+def _text_of(record, fields: list[str], where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise CorpusError(f"{where}: expected an object with a {' or '.join(map(repr, fields))} field, got {type(record).__name__}")
+    for name in fields:
+        if name in record:
+            value = record[name]
+            if not isinstance(value, str):
+                raise CorpusError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+            return value
+    raise CorpusError(f"{where}: no field {' or '.join(map(repr, fields))} (fields present: {', '.join(map(str, record)) or 'none'})")
+
+
+def read_jsonl_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        text = _text_of(record, cfg.text_fields, f"{path}:{lineno}")
+        if text.strip():
+            yield Document(text, f"{path}:{lineno}")
+
+
+def read_json_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
+    """A JSON list of records (the second seed's `[{"content": ..., "source": ...}]`), streamed with ijson."""
+    import ijson
+
+    with _open_binary(path) as f:
+        try:
+            for n, record in enumerate(ijson.items(f, "item", use_float=True)):
+                text = _text_of(record, cfg.text_fields, f"{path}: item {n}")
+                if text.strip():
+                    source = record.get("source") if isinstance(record, dict) else None
+                    yield Document(text, f"{path}#{n}" + (f" ({source})" if isinstance(source, str) else ""))
+        except ijson.JSONError as e:
+            raise CorpusError(f"{path}: invalid JSON list ({e})") from None
+
+
+READERS = {**{s: read_text_file for s in TEXT_SUFFIXES}, **{s: read_jsonl_file for s in JSONL_SUFFIXES},
+           **{s: read_json_file for s in JSON_SUFFIXES}}
+
+
+def corpus_files(paths: Iterable[str]) -> list[Path]:
+    """Expand folders (sorted, recursive) into the readable files they hold."""
+    files: list[Path] = []
+    for p in paths:
+        if p == BUILTIN:
+            continue
+        path = Path(p)
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*") if f.is_file() and _suffix(f) in KNOWN_SUFFIXES)
+        elif path.is_file():
+            if _suffix(path) not in KNOWN_SUFFIXES:
+                raise CorpusError(f"{path}: unsupported file type (known: {', '.join(KNOWN_SUFFIXES)}, optionally .gz)")
+            files.append(path)
+        else:
+            raise CorpusError(f"{path}: no such file or folder")
+    return files
+
+
+def read_documents(cfg: DataConfig) -> Iterator[Document]:
+    """Every document of the configured corpus, in a fixed order."""
+    files = corpus_files(cfg.corpus)
+    for p in cfg.corpus:
+        if p == BUILTIN:
+            yield from builtin_documents()
+    for path in files:
+        yield from READERS[_suffix(path)](path, cfg)
+
+
+def corpus_fingerprint(cfg: DataConfig) -> dict:
+    """What identifies the input: file sizes and times, package versions, reader settings."""
+    items = []
+    for p in cfg.corpus:
+        if p == BUILTIN:
+            items.append({p: {pkg: metadata.version(pkg) for pkg in BUILTIN_PACKAGES}})
+    for f in corpus_files(cfg.corpus):
+        st = os.stat(f)
+        items.append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {"inputs": items, "text_fields": cfg.text_fields, "doc_separator": cfg.doc_separator,
+            "txt_chunk_chars": cfg.txt_chunk_chars, "val_fraction": cfg.val_fraction}
+
+
+# --- the built-in corpus: real English conversations from two PyPI packages -------------------
+def builtin_conversations() -> Iterator[tuple[str, list[dict]]]:
+    """(source, messages) pairs: chitchat-dataset dialogues, then chatterbot-corpus Q/A pairs.
+
+    Speakers alternate; the first speaker is "user", the second "assistant".
+    """
+    import yaml
+
+    chitchat = resources.files("chitchat_dataset") / "dataset.json"
+    with chitchat.open("r", encoding="utf-8") as f:
+        dialogues = json.load(f)  # 39 MB of JSON with timestamps; ~13 MB of text
+    for key, dialogue in dialogues.items():
+        messages = []
+        for n, turn in enumerate(dialogue["messages"]):
+            text = " ".join(m["text"].strip() for m in turn if m.get("text", "").strip())
+            if text:
+                messages.append({"role": "user" if n % 2 == 0 else "assistant", "content": text})
+        if messages:
+            yield f"chitchat-dataset:{key}", messages
+    del dialogues
+    english = resources.files("chatterbot_corpus") / "data" / "english"
+    for entry in sorted(english.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".yml"):
+            continue
+        data = yaml.safe_load(entry.read_text(encoding="utf-8"))
+        for n, conv in enumerate(data.get("conversations") or []):
+            turns = [str(t).strip() for t in conv if str(t).strip()]
+            if len(turns) >= 2:
+                messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+                yield f"chatterbot-corpus:{entry.name}#{n}", messages
+
+
+def builtin_documents() -> Iterator[Document]:
+    """The built-in pretraining corpus: each conversation as plain text, one turn per line."""
+    pending: list[str] = []
+    pending_source = ""
+    for source, messages in builtin_conversations():
+        text = "\n".join(m["content"] for m in messages)
+        if source.startswith("chatterbot"):
+            # Q/A pairs are a line or two each: group a file's pairs into one document
+            group = source.split("#")[0]
+            if pending and group != pending_source:
+                yield Document("\n".join(pending), pending_source)
+                pending = []
+            pending.append(text)
+            pending_source = group
+        else:
+            yield Document(text, source)
+    if pending:
+        yield Document("\n".join(pending), pending_source)

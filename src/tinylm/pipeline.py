@@ -1,0 +1,181 @@
+"""Stages and the one command that chains them.
+
+    corpus -> tokenizer/ -> shards/ -> pretrain/checkpoints/ -> samples
+
+Every stage writes its outputs with a `meta.json` that records an `inputs_hash` (what the stage
+read and the settings it used). `tinylm run` skips a stage whose hash is unchanged, resumes a
+training stage from its newest checkpoint, and redoes anything half-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .config import Config, to_toml
+from .corpus import corpus_fingerprint, is_validation, read_documents
+from .data import PackedBatches
+from .io import hash_json, read_json, write_json, write_text
+from .shards import build_shards, load_split
+from .tokenizer import Tokenizer, bytes_per_token, train_tokenizer
+from .train import Runtime, setup_runtime, train
+
+
+def _fresh(out_dir: Path, inputs_hash: str) -> bool:
+    meta = out_dir / "meta.json"
+    return meta.is_file() and read_json(meta).get("inputs_hash") == inputs_hash
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# --- tokenizer -------------------------------------------------------------------------------------
+def tokenizer_stage(cfg: Config, out_dir: str | Path, force: bool = False, progress: bool = True) -> Path:
+    """Train the tokenizer on the training documents; report compression on held-out ones."""
+    out_dir = Path(out_dir)
+    inputs_hash = hash_json({"corpus": corpus_fingerprint(cfg.data), "tokenizer": dataclasses.asdict(cfg.tokenizer)})
+    if not force and _fresh(out_dir, inputs_hash):
+        say(f"tokenizer: up to date in {out_dir}")
+        return out_dir
+    say(f"tokenizer: training {cfg.tokenizer.kind} with {cfg.tokenizer.vocab_size} tokens on {', '.join(cfg.data.corpus)}")
+    train_texts = (d.text for d in read_documents(cfg.data) if not is_validation(d.text, cfg.data.val_fraction))
+    tok = train_tokenizer(train_texts, cfg.tokenizer, show_progress=progress)
+    held_out = []
+    for d in read_documents(cfg.data):
+        if len(held_out) >= cfg.tokenizer.held_out_docs:
+            break
+        if is_validation(d.text, cfg.data.val_fraction):
+            held_out.append(d.text)
+    compression = bytes_per_token(tok, held_out)
+    tok.save(out_dir, model_max_length=cfg.model.max_seq_len,
+             extra_meta={"inputs_hash": inputs_hash, "held_out_compression": compression,
+                         "config": dataclasses.asdict(cfg.tokenizer)})
+    write_text(out_dir / "config.toml", to_toml(cfg))
+    say(f"tokenizer: {tok.vocab_size} tokens -> {out_dir}; held-out compression "
+        f"{compression['bytes_per_token']} bytes/token over {compression['docs']} documents")
+    return out_dir
+
+
+# --- shards ----------------------------------------------------------------------------------------
+def shards_stage(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path, force: bool = False,
+                 progress: bool = True) -> Path:
+    out_dir, tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
+    tok = Tokenizer.load(tokenizer_dir)
+    data_settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "workers"}
+    inputs_hash = hash_json({"corpus": corpus_fingerprint(cfg.data), "data": data_settings, "tokenizer": tok.fingerprint})
+    if not force and _fresh(out_dir, inputs_hash):
+        say(f"shards: up to date in {out_dir}")
+        return out_dir
+    say(f"shards: tokenizing {', '.join(cfg.data.corpus)}")
+    meta = build_shards(read_documents(cfg.data), tokenizer_dir, out_dir, cfg.data, progress=progress,
+                        extra_meta={"inputs_hash": inputs_hash, "tokenizer_dir": str(tokenizer_dir.resolve()),
+                                    "config": data_settings})
+    write_text(out_dir / "config.toml", to_toml(cfg))
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    say(f"shards: train {tr['tokens']:,} tokens / {tr['docs']:,} docs, val {va['tokens']:,} tokens / "
+        f"{va['docs']:,} docs ({meta['dtype']}) -> {out_dir}")
+    return out_dir
+
+
+# --- pretraining -----------------------------------------------------------------------------------
+def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runtime | None = None,
+             tokenizer_dir: str | Path | None = None) -> dict:
+    """Train on the token shards; resumes from out_dir's newest checkpoint when there is one."""
+    shards_dir = Path(shards_dir)
+    rt = rt or setup_runtime(cfg.train)
+    meta = read_json(shards_dir / "meta.json")
+    tokenizer_dir = Path(tokenizer_dir or meta["tokenizer_dir"])
+    tok = Tokenizer.load(tokenizer_dir)
+    if tok.fingerprint != meta["tokenizer_fingerprint"]:
+        raise ValueError(f"{shards_dir} was made with another tokenizer than {tokenizer_dir}")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or tok.vocab_size))
+    if cfg.model.vocab_size < tok.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    tc, seq = cfg.train, cfg.model.max_seq_len
+    train_arrays, train_info = load_split(shards_dir, "train")
+    batches = PackedBatches(train_arrays, seq, tc.batch_size, tc.seed, rt.rank, rt.world)
+    val_arrays, val_info = load_split(shards_dir, "val")
+    make_val, bpt = None, None
+    val_windows = sum(max(0, (len(a) - 1) // seq) for a in val_arrays)
+    if val_windows >= rt.world * tc.batch_size:
+        n_val = min(tc.eval_batches, val_windows // (rt.world * tc.batch_size))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n_val))
+        make_val = lambda: PackedBatches(val_arrays, seq, tc.batch_size, 0, rt.rank, rt.world, shuffle=False)  # noqa: E731
+        bpt = val_info["bytes"] / val_info["tokens"]
+    elif rt.is_main:
+        say(f"pretrain: validation split too small for one batch ({val_info['tokens']} tokens): no validation loss")
+    return train(cfg, out_dir, rt, batches, make_val, tokenizer_dir, bytes_per_token=bpt, stage="pretrain")
+
+
+# --- samples and the whole run -------------------------------------------------------------------
+def print_samples(checkpoint: str | Path, cfg: Config, out_file: Path | None = None) -> list[dict]:
+    from .api import load
+
+    lm = load(checkpoint, device=cfg.train.device)
+    samples = []
+    for prompt in cfg.sample.prompts:
+        text = lm.generate(prompt, **{k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "prompts"})
+        samples.append({"prompt": prompt, "completion": text})
+        say(f"\n>>> {prompt}{text}")
+    if out_file:
+        write_json(out_file, {"checkpoint": str(checkpoint), "sample": dataclasses.asdict(cfg.sample), "samples": samples})
+    return samples
+
+
+def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
+    """tokenizer -> shards -> pretrain -> samples, all under run_dir; each stage skipped when up to date."""
+    run_dir = Path(run_dir)
+    rt = setup_runtime(cfg.train)
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "config.toml", to_toml(cfg))
+        tokenizer_stage(cfg, run_dir / "tokenizer", progress=progress)
+        shards_stage(cfg, run_dir / "tokenizer", run_dir / "shards", progress=progress)
+    if rt.world > 1:
+        dist.barrier()  # other ranks wait for the data
+    summary = pretrain(cfg, run_dir / "shards", run_dir / "pretrain", rt, run_dir / "tokenizer")
+    if rt.is_main:
+        print_samples(summary["checkpoint"], cfg, run_dir / "samples.json")
+        say(_next_steps(run_dir, summary))
+    return summary
+
+
+def _next_steps(run_dir: Path, summary: dict) -> str:
+    loss = summary["best_val_loss"]
+    shown = f"best validation loss {loss:.3f}" if math.isfinite(loss) else "no validation loss"
+    return (f"\nDone: {summary['params']:,} parameters, {summary['steps']} steps, {shown}.\n"
+            f"Next:\n"
+            f"  tinylm generate {run_dir} --prompt \"Hello, how are you\"   # sample from the model\n"
+            f"  tinylm chat {run_dir}                                     # talk to it in the terminal\n"
+            f"  tinylm run --out {run_dir} --train.max_steps=<more>        # train longer (resumes)\n")
+
+
+def train_on_documents(documents: list[dict], out_dir: str | Path, config: str | Config = "cpu-demo",
+                       overrides: dict | list | None = None, text_field: str | None = None) -> dict:
+    """Train from in-memory documents, e.g. the second seed's `[{"content": ..., "source": ...}]`.
+
+    The documents are written to `out_dir/corpus.jsonl` and the usual pipeline runs on that file.
+    """
+    from .config import load_config
+
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = [text_field] if text_field else cfg.data.text_fields
+    lines = []
+    for n, doc in enumerate(documents):
+        text = doc if isinstance(doc, str) else next((doc[f] for f in fields if f in doc), None)
+        if not isinstance(text, str):
+            raise ValueError(f"document {n}: no text field {' or '.join(map(repr, fields))}")
+        lines.append({"text": text, "source": doc.get("source", "memory") if isinstance(doc, dict) else "memory"})
+    corpus = out_dir / "corpus.jsonl"
+    new_content = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
+    if not corpus.is_file() or corpus.read_text(encoding="utf-8") != new_content:
+        write_text(corpus, new_content)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=[str(corpus)], text_fields=["text"]))
+    return run(cfg, out_dir)

@@ -1,0 +1,332 @@
+"""THE training loop. Pretraining and fine-tuning differ only in the batches they feed it.
+
+Reads top to bottom in the order things happen: runtime (device, precision, ranks) -> model ->
+optimizer -> resume -> loop { lr, micro-batches with accumulation, clip, step, log, eval, save }.
+Runs as one process or under `torchrun` (DDP) with the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, load_trainer_state, save_checkpoint
+from .config import Config, TrainConfig, to_toml
+from .io import write_text
+from .logs import MetricsLog, Tracker, format_duration
+from .model import Transformer
+
+
+# --- runtime: device, precision, ranks -----------------------------------------------------------
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype (float32 = no autocast)
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name != "auto":
+        if name not in named:
+            raise ValueError(f"train.dtype must be auto, bf16, fp16 or fp32, not {name!r}")
+        return named[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return torch.float32
+
+
+def setup_runtime(tc: TrainConfig) -> Runtime:
+    """Single process, or one rank of a `torchrun` job (WORLD_SIZE > 1 in the environment)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(tc.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device, pick_dtype(tc.dtype, device), rank, world, local_rank)
+
+
+# --- optimisation --------------------------------------------------------------------------------
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (embeddings, projections), not on norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused, foreach=not fused)
+
+
+def lr_at(step: int, progress: float, tc: TrainConfig) -> float:
+    """Linear warmup over `warmup_steps`, times a cosine from 1 to `min_lr_ratio` over progress 0..1."""
+    warmup = min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0
+    cosine = tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return tc.lr * warmup * cosine
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0  # seconds of training, summed over resumptions
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    best_val_loss: float = float("inf")
+
+
+def horizon(tc: TrainConfig, tokens_per_step: int, steps_per_epoch: int) -> int | None:
+    """Total optimizer steps implied by the step/epoch/token limits (None if only time-limited)."""
+    limits = []
+    if tc.max_steps:
+        limits.append(tc.max_steps)
+    if tc.max_epochs:
+        limits.append(math.ceil(tc.max_epochs * steps_per_epoch))
+    if tc.max_tokens:
+        limits.append(math.ceil(tc.max_tokens / tokens_per_step))
+    if not limits and not tc.max_time:
+        raise ValueError("no training limit: set train.max_steps, max_epochs, max_tokens or max_time")
+    return min(limits) if limits else None
+
+
+def fraction_done(p: Progress, tc: TrainConfig, total_steps: int | None) -> float:
+    parts = [p.step / total_steps] if total_steps else []
+    if tc.max_time:
+        parts.append(p.elapsed / tc.max_time)
+    return min(1.0, max(parts))
+
+
+# --- the loop ------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, make_batches: Callable, n_batches: int, rt: Runtime) -> float:
+    """Mean loss over the first `n_batches` validation micro-batches (all ranks together)."""
+    model.eval()
+    batches = make_batches()
+    total = torch.zeros(2, device=rt.device, dtype=torch.float64)  # (sum of losses, count)
+    for _ in range(n_batches):
+        x, y = batches.next_batch()
+        with rt.autocast():
+            _, loss = model(x.to(rt.device), y.to(rt.device))
+        total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=rt.device)])
+    if rt.world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val_batches: Callable | None,
+          tokenizer_dir: str | Path, bytes_per_token: float | None = None, stage: str = "pretrain") -> dict:
+    """Train `cfg.model` on `train_batches`; checkpoints and logs go to out_dir. Returns a summary."""
+    tc, out_dir = cfg.train, Path(out_dir)
+    torch.manual_seed(tc.seed + rt.rank)
+    model = Transformer(cfg.model).to(rt.device)
+    if tc.init_from:
+        start, _, _ = load_checkpoint(tc.init_from, rt.device)
+        model.load_state_dict(start.state_dict(), strict=True)
+        del start
+    optimizer = build_optimizer(model, tc, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    progress = Progress()
+
+    resume_from = latest_checkpoint(out_dir) if tc.resume else None
+    if resume_from is not None:
+        progress = _restore(resume_from, model, optimizer, scaler, train_batches, rt)
+    compiled = torch.compile(model) if tc.compile else model
+    wrapped = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.world > 1 else compiled
+
+    tokens_per_step = train_batches.windows_per_step * train_batches.seq_len * tc.grad_accum
+    total_steps = horizon(tc, tokens_per_step, max(1, train_batches.steps_per_epoch // tc.grad_accum))
+    log = MetricsLog(out_dir, enabled=rt.is_main)
+    tracker = Tracker(tc, out_dir, cfg.to_dict()) if rt.is_main else None
+    if rt.is_main:
+        write_text(out_dir / "config.toml", to_toml(cfg))
+        log.line(_preflight(model, rt, tokens_per_step, total_steps, tc, resume_from, stage))
+
+    def save() -> None:
+        if rt.is_main:
+            trainer = {**progress.__dict__, "data": train_batches.state_dict(), "stage": stage,
+                       "tokens_per_step": tokens_per_step, "total_steps": total_steps}
+            extra = {"scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state()}
+            if rt.device.type == "cuda":
+                extra["rng_cuda"] = torch.cuda.get_rng_state(rt.device)
+            save_checkpoint(out_dir, model, cfg, tokenizer_dir, trainer, optimizer, extra, tc.keep_last)
+        if rt.world > 1:
+            dist.barrier()
+
+    def run_eval() -> dict:
+        if make_val_batches is None:
+            return {}
+        val_loss = evaluate(wrapped, make_val_batches, tc.eval_batches, rt)
+        progress.best_val_loss = min(progress.best_val_loss, val_loss)
+        out = {"val_loss": round(val_loss, 5)}
+        if bytes_per_token:
+            out["val_bpb"] = round(val_loss / math.log(2) / bytes_per_token, 5)
+        return out
+
+    bar = tqdm(total=total_steps, initial=progress.step, desc=stage, unit="step", disable=not rt.is_main or None,
+               dynamic_ncols=True, leave=False)
+    wrapped.train()
+    last_saved = progress.step if resume_from else -1
+    while fraction_done(progress, tc, total_steps) < 1.0:
+        t0 = time.perf_counter()
+        lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=rt.device)
+        for micro in range(tc.grad_accum):
+            x, y = train_batches.next_batch()
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            sync = micro == tc.grad_accum - 1 or rt.world == 1
+            with (contextlib.nullcontext() if sync else wrapped.no_sync()), rt.autocast():
+                _, loss = wrapped(x, y)
+            scaler.scale(loss / tc.grad_accum).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        step_loss = loss_sum / tc.grad_accum
+        if rt.world > 1:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        loss_value = step_loss.item()  # the one host sync per step
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+            _skip_nonfinite(progress, log, loss_value)
+            continue
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        progress.nonfinite_in_row = 0
+        progress.step += 1
+        progress.tokens += tokens_per_step
+        dt = time.perf_counter() - t0
+        if rt.world > 1 and tc.max_time:  # every rank must agree on when time is up
+            dt_all = torch.tensor(dt, dtype=torch.float64, device=rt.device)
+            dist.all_reduce(dt_all, op=dist.ReduceOp.MAX)
+            dt = dt_all.item()
+        progress.elapsed += dt
+
+        record = {"step": progress.step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
+                  "tok_per_s": round(tokens_per_step / dt), "tokens": progress.tokens,
+                  "epoch": round(train_batches.progress, 4), "elapsed": round(progress.elapsed, 2)}
+        finished = fraction_done(progress, tc, total_steps) >= 1.0
+        if (tc.eval_every and progress.step % tc.eval_every == 0) or finished:
+            record.update(run_eval())
+        if rt.is_main:
+            bar.update(1)
+            remaining = _eta(progress, tc, total_steps)
+            if progress.step % tc.log_every == 0 or finished or "val_loss" in record or progress.step == 1:
+                log.step(record, total_steps, remaining, bar)
+            if tracker:
+                tracker.log(record)
+        if (tc.save_every and progress.step % tc.save_every == 0) or finished:
+            save()
+            last_saved = progress.step
+    if last_saved != progress.step:  # a resumed run that was already finished, or an empty loop
+        save()
+    bar.close()
+    if tracker:
+        tracker.close()
+    summary = {"stage": stage, "steps": progress.step, "tokens": progress.tokens, "elapsed": round(progress.elapsed, 1),
+               "best_val_loss": progress.best_val_loss, "params": model.num_params(),
+               "checkpoint": str(latest_checkpoint(out_dir))}
+    if rt.is_main:
+        log.line(f"done: {progress.step} steps, {progress.tokens:,} tokens in {format_duration(progress.elapsed)}; "
+                 f"checkpoint {summary['checkpoint']}")
+    return summary
+
+
+def _restore(ckpt: Path, model, optimizer, scaler, train_batches, rt: Runtime) -> Progress:
+    """Load weights, optimizer, scaler, RNG and data position from a checkpoint."""
+    saved, _, meta = load_checkpoint(ckpt, rt.device)
+    model.load_state_dict(saved.state_dict(), strict=True)
+    state = load_trainer_state(ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], rt.device)
+    trainer = dict(meta["trainer"])
+    train_batches.load_state_dict(trainer.pop("data"))
+    fields = Progress.__dataclass_fields__
+    return Progress(**{k: v for k, v in trainer.items() if k in fields})
+
+
+MAX_NONFINITE_IN_ROW = 5
+
+
+def _skip_nonfinite(progress: Progress, log, loss_value: float) -> None:
+    progress.nonfinite_in_row += 1
+    progress.nonfinite_total += 1
+    log.line(f"step {progress.step + 1}: non-finite loss {loss_value} or gradient; step skipped "
+             f"({progress.nonfinite_in_row} in a row)")
+    if progress.nonfinite_in_row >= MAX_NONFINITE_IN_ROW:
+        raise FloatingPointError(f"{MAX_NONFINITE_IN_ROW} non-finite steps in a row at step {progress.step}: "
+                                 "lower train.lr; the last good checkpoint is kept")
+
+
+def _eta(progress: Progress, tc: TrainConfig, total_steps: int | None) -> float:
+    done = fraction_done(progress, tc, total_steps)
+    return progress.elapsed * (1 - done) / done if done > 0 else float("nan")
+
+
+def _preflight(model: Transformer, rt: Runtime, tokens_per_step: int, total_steps, tc: TrainConfig,
+               resume_from, stage: str) -> str:
+    n = model.num_params()
+    limit = f"{total_steps} steps" if total_steps else ""
+    if tc.max_time:
+        limit += (" or " if limit else "") + f"{format_duration(tc.max_time)}"
+    mem = n * (4 + 4 + 8) / 2**20  # weights, grads, Adam moments (fp32)
+    where = f"resuming from {resume_from.name}" if resume_from else "from scratch" if not tc.init_from else f"from {tc.init_from}"
+    return (f"{stage}: {n:,} parameters ({model.num_params(embeddings=False):,} without embeddings) | "
+            f"{rt.device} {str(rt.dtype).replace('torch.', '')} x{rt.world} | {tokens_per_step:,} tokens/step | "
+            f"{limit} | ~{mem:.0f} MiB weights+optimizer | {where}")
