@@ -23,7 +23,7 @@ from .io import atomic_dir, read_json, write_json
 from .tokenizer import Tokenizer
 
 SPLITS = ("train", "val")
-BATCH_CHARS = 1 << 20  # characters of text per worker task
+BATCH_CHARS = 1 << 18  # characters of text per worker task
 
 _worker_tok: Tokenizer | None = None
 

@@ -44,9 +44,10 @@ CHAT_TEMPLATE = (
 class Tokenizer:
     """Text <-> ids, special tokens and the chat format. Wraps a `tokenizers.Tokenizer`."""
 
-    def __init__(self, backend: HFTokenizer, kind: str = "bpe"):
+    def __init__(self, backend: HFTokenizer, kind: str = "bpe", sp_model: bytes | None = None):
         self.backend = backend
         self.kind = kind
+        self.sp_model = sp_model  # the original SentencePiece model, kept beside tokenizer.json
         ids = {tok: backend.token_to_id(tok) for tok in SPECIAL_TOKENS}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
@@ -104,6 +105,8 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and meta.json atomically."""
         with atomic_dir(out_dir) as tmp:
             self.backend.save(str(tmp / "tokenizer.json"))
+            if self.sp_model:
+                (tmp / "sentencepiece.model").write_bytes(self.sp_model)
             special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
             write_json(tmp / "special_tokens_map.json", special)
             write_json(tmp / "tokenizer_config.json", {
@@ -193,7 +196,7 @@ def train_sentencepiece(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer
         minloglevel=2,
     )
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    return Tokenizer(sentencepiece_to_tokenizers(sp), "sentencepiece")
+    return Tokenizer(sentencepiece_to_tokenizers(sp), "sentencepiece", model.getvalue())
 
 
 def sentencepiece_to_tokenizers(sp) -> HFTokenizer:
@@ -205,7 +208,7 @@ def sentencepiece_to_tokenizers(sp) -> HFTokenizer:
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     merges = []
     for piece, rank in vocab.items():
-        if sp.is_control(rank) or sp.is_unknown(rank) or sp.is_byte(rank) or sp.is_user_defined(rank):
+        if sp.is_control(rank) or sp.is_unknown(rank) or sp.is_byte(rank) or piece in SPECIAL_TOKENS:
             continue
         splits = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
         merges += [(rank, vocab[a], vocab[b], a, b) for a, b in splits]

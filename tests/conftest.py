@@ -1,0 +1,48 @@
+"""Shared fixtures: a small real-English corpus, a tokenizer trained on it, tiny configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tinylm.config import Config, load_config
+from tinylm.pipeline import shards_stage, tokenizer_stage
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+STORIES = SHARED / "tinystories_2mib.txt"
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """~400 TinyStories as JSON Lines (the first seed's format)."""
+    stories = STORIES.read_text(encoding="utf-8").split("<|endoftext|>")
+    path = tmp_path_factory.mktemp("corpus") / "stories.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for story in stories[:400]:
+            if story.strip():
+                f.write(json.dumps({"text": story.strip()}) + "\n")
+    return path
+
+
+def tiny_config(corpus: Path | str, **overrides) -> Config:
+    cfg = load_config("tiny", {"data.corpus": [str(corpus)], "data.val_fraction": 0.1, **overrides})
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, corpus_file):
+    """A tokenizer and token shards for the tiny preset, built once per session."""
+    root = tmp_path_factory.mktemp("prepared")
+    cfg = tiny_config(corpus_file)
+    tokenizer_stage(cfg, root / "tokenizer", progress=False)
+    shards_stage(cfg, root / "tokenizer", root / "shards", progress=False)
+    return {"cfg": cfg, "tokenizer": root / "tokenizer", "shards": root / "shards", "root": root}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(prepared):
+    from tinylm.tokenizer import Tokenizer
+
+    return Tokenizer.load(prepared["tokenizer"])

@@ -1,0 +1,60 @@
+import json
+
+from tinylm.cli import main
+
+
+def test_cli_generate_and_info(prepared, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", "tiny", "--shards", str(prepared["shards"]), "--out", str(run),
+                 "--train.max_steps", "4", f"--data.corpus={prepared['cfg'].data.corpus[0]}"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "Once upon", "--sample.max_new_tokens=5", "--sample.seed=3",
+                 "--out", str(tmp_path / "gen")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Once upon")
+    saved = json.loads((tmp_path / "gen" / "generations.json").read_text())
+    assert saved["samples"][0]["prompt"] == "Once upon" and (tmp_path / "gen" / "config.toml").is_file()
+    assert main(["info", str(run)]) == 0
+    assert "parameters:" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert main(["run", "--config", "tiny", "--train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinylm: error:") and "did you mean 'lr'" in err
+    assert main(["generate", "/nonexistent/run"]) == 2
+    assert "no checkpoint here" in capsys.readouterr().err
+
+
+def test_chat_loop_keeps_history_and_obeys_commands(prepared, tmp_path):
+    from tinylm.chat import chat_loop
+    from tinylm.config import load_config
+    from tinylm.pipeline import pretrain
+
+    cfg = load_config("tiny", {"data.corpus": prepared["cfg"].data.corpus, "train.max_steps": 2,
+                               "sample.max_new_tokens": 8})
+    pretrain(cfg, prepared["shards"], tmp_path / "run")
+    lines = iter(["/set temperature 0", "/set temprature 1", "hello", "/reset", "again", "/quit"])
+    printed = []
+    chat_loop(str(tmp_path / "run"), cfg, input_fn=lambda _: next(lines),
+              print_fn=lambda *a, **k: printed.append(" ".join(map(str, a))), out_dir=str(tmp_path / "chat"))
+    text = "\n".join(printed)
+    assert "(temperature = 0.0)" in text and "did you mean 'temperature'" in text and "(history cleared)" in text
+    transcript = json.loads((tmp_path / "chat" / "transcript.json").read_text())["messages"]
+    assert [m["role"] for m in transcript] == ["user", "assistant", "user", "assistant"]
+
+
+def test_chat_history_is_trimmed_to_the_context(prepared, tmp_path):
+    from tinylm.api import load
+    from tinylm.chat import trim_history
+    from tinylm.config import load_config
+    from tinylm.pipeline import pretrain
+
+    cfg = load_config("tiny", {"data.corpus": prepared["cfg"].data.corpus, "train.max_steps": 1})
+    pretrain(cfg, prepared["shards"], tmp_path / "run")
+    lm = load(tmp_path / "run")
+    history = [{"role": "system", "content": "be nice"}] + [
+        {"role": r, "content": "word " * 10} for r in ("user", "assistant") * 4]
+    trimmed, dropped = trim_history(lm, history, max_new_tokens=10)
+    assert dropped > 0 and trimmed[0]["role"] == "system" and trimmed[-1] == history[-1]
+    assert len(lm.tokenizer.render_chat(trimmed, True)[0]) + 10 <= lm.context_length

@@ -1,0 +1,55 @@
+import pytest
+
+from tinylm.config import ConfigError, config_from_dict, load_config, preset_names, to_toml
+from tinylm.model import Transformer
+
+
+def test_presets_exist_and_load():
+    names = preset_names()
+    for required in ("tiny", "cpu-demo", "seed-26m", "seed2-llama"):
+        assert required in names
+        load_config(required)
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["train.lr=1e-4", "model.n_layers=3", "train.compile=true",
+                               "data.corpus=a.txt,b.jsonl", "train.max_tokens=2e6"])
+    assert cfg.train.lr == 1e-4 and cfg.model.n_layers == 3 and cfg.train.compile is True
+    assert cfg.data.corpus == ["a.txt", "b.jsonl"] and cfg.train.max_tokens == 2_000_000
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("train.lrr=1", "did you mean 'lr'"),
+    ("trian.lr=1", "did you mean 'train'"),
+    ("model.dim=abc", "expected int"),
+    ("train.compile=maybe", "expected true/false"),
+])
+def test_bad_overrides_are_explained(override, hint):
+    with pytest.raises(ConfigError, match=hint):
+        load_config("tiny", [override])
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'tiny'"):
+        load_config("tinny")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("seed2-llama", ["sample.stop=a,b"])
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(str(path)) == cfg
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_invalid_model_shape_is_rejected():
+    with pytest.raises(ConfigError, match="not divisible"):
+        load_config("tiny", ["model.dim=66"])
+
+
+@pytest.mark.parametrize("preset, low, high", [("seed-26m", 25e6, 27e6), ("seed2-llama", 35e6, 47e6)])
+def test_seed_preset_sizes(preset, low, high):
+    cfg = load_config(preset)
+    cfg.model.vocab_size = cfg.tokenizer.vocab_size
+    n = Transformer(cfg.model).num_params()
+    assert low < n < high, n

@@ -1,0 +1,108 @@
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinylm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from tinylm.config import TrainConfig
+from tinylm.pipeline import pretrain
+from tinylm.train import lr_at
+
+from conftest import tiny_config
+
+
+def _weights(ckpt):
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def _cfg(prepared, **overrides):
+    return tiny_config(prepared["cfg"].data.corpus[0], **overrides)
+
+
+def test_pretraining_lowers_validation_loss(prepared, tmp_path):
+    cfg = _cfg(prepared, **{"train.max_steps": 60, "train.eval_every": 3, "train.save_every": 0})
+    summary = pretrain(cfg, prepared["shards"], tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    uniform = math.log(cfg.tokenizer.vocab_size)  # the loss of a model that knows nothing
+    assert len(val) == 20 and val[0] > uniform - 0.5 and val[-1] < uniform - 1.0 and val[-1] < val[0] - 1.0
+    assert all(math.isfinite(r["val_bpb"]) for r in records if "val_bpb" in r)
+    assert summary["steps"] == 60 and (tmp_path / "config.toml").is_file()
+
+
+def test_resumed_run_ends_with_the_same_weights(prepared, tmp_path):
+    """Steps 7-12 replayed from the step-6 checkpoint give bit-identical weights."""
+    cfg = _cfg(prepared, **{"train.max_steps": 12, "train.save_every": 6, "train.keep_last": 5,
+                            "train.eval_every": 4, "model.dropout": 0.1, "train.grad_accum": 2})
+    pretrain(cfg, prepared["shards"], tmp_path / "straight")
+    resumed = tmp_path / "resumed" / "checkpoints"
+    resumed.mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight/checkpoints/step-0000006", resumed / "step-0000006")
+    pretrain(cfg, prepared["shards"], tmp_path / "resumed")
+    a = _weights(tmp_path / "straight/checkpoints/step-0000012")
+    b = _weights(resumed / "step-0000012")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the replay really trained: step 12 differs from step 6
+    six = _weights(resumed / "step-0000006")
+    assert not all(torch.equal(six[k], b[k]) for k in six)
+
+
+def test_checkpoints_are_pruned_and_latest_is_complete(prepared, tmp_path):
+    cfg = _cfg(prepared, **{"train.max_steps": 9, "train.save_every": 3, "train.keep_last": 2})
+    pretrain(cfg, prepared["shards"], tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step-0000006", "step-0000009"]
+    (tmp_path / "checkpoints" / "step-0000012.tmp").mkdir()  # as a crash mid-save would leave it
+    assert latest_checkpoint(tmp_path).name == "step-0000009"
+    assert not (tmp_path / "checkpoints" / "step-0000012.tmp").exists()
+
+
+def test_loading_is_strict_about_corruption(prepared, tmp_path):
+    cfg = _cfg(prepared, **{"train.max_steps": 2, "train.save_every": 0})
+    pretrain(cfg, prepared["shards"], tmp_path)
+    ckpt = latest_checkpoint(tmp_path)
+    model, tok, meta = load_checkpoint(ckpt)
+    assert meta["trainer"]["step"] == 2 and tok.vocab_size == model.cfg.vocab_size
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its SHA-256"):
+        load_checkpoint(ckpt)
+
+
+def test_trainer_state_loads_without_unpickling_code(prepared, tmp_path):
+    cfg = _cfg(prepared, **{"train.max_steps": 1})
+    pretrain(cfg, prepared["shards"], tmp_path)
+    state = torch.load(latest_checkpoint(tmp_path) / "trainer_state.pt", weights_only=True)
+    assert {"optimizer", "scaler", "rng_cpu"} <= set(state)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_both_precisions_train(prepared, tmp_path, dtype):
+    cfg = _cfg(prepared, **{"train.max_steps": 3, "train.dtype": dtype, "train.eval_every": 3})
+    summary = pretrain(cfg, prepared["shards"], tmp_path)
+    assert math.isfinite(summary["best_val_loss"])
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    tc = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, 0.0, tc) == pytest.approx(0.1)
+    assert lr_at(9, 0.09, tc) == pytest.approx(0.98, abs=0.02)
+    assert lr_at(50, 0.5, tc) == pytest.approx(0.55)
+    assert lr_at(100, 1.0, tc) == pytest.approx(0.1)
+
+
+def test_time_limit_stops_training(prepared, tmp_path):
+    cfg = _cfg(prepared, **{"train.max_steps": 0, "train.max_time": 1.5, "train.save_every": 0})
+    summary = pretrain(cfg, prepared["shards"], tmp_path)
+    assert 1.5 <= summary["elapsed"] < 3 and summary["steps"] > 3
+
+
+def test_no_limit_is_an_error(prepared, tmp_path):
+    cfg = _cfg(prepared, **{"train.max_steps": 0})
+    with pytest.raises(ValueError, match="no training limit"):
+        pretrain(cfg, prepared["shards"], tmp_path)
