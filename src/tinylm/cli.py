@@ -109,8 +109,13 @@ def cmd_shards(args, overrides) -> int:
 def cmd_pretrain(args, overrides) -> int:
     from .pipeline import pretrain
 
+    import torch.distributed as dist
+
     summary = pretrain(_config(args, overrides), args.shards, args.out or "runs/default/pretrain")
-    print(json.dumps(summary, indent=2, default=str))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(summary, indent=2, default=str))
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
