@@ -46,7 +46,6 @@ def test_chat_loop_keeps_history_and_obeys_commands(prepared, tmp_path):
 
 def test_chat_history_is_trimmed_to_the_context(prepared, tmp_path):
     from tinylm.api import load
-    from tinylm.chat import trim_history
     from tinylm.config import load_config
     from tinylm.pipeline import pretrain
 
@@ -55,6 +54,6 @@ def test_chat_history_is_trimmed_to_the_context(prepared, tmp_path):
     lm = load(tmp_path / "run")
     history = [{"role": "system", "content": "be nice"}] + [
         {"role": r, "content": "word " * 10} for r in ("user", "assistant") * 4]
-    trimmed, dropped = trim_history(lm, history, max_new_tokens=10)
+    trimmed, dropped = lm.fit_messages(history, max_new_tokens=10)
     assert dropped > 0 and trimmed[0]["role"] == "system" and trimmed[-1] == history[-1]
     assert len(lm.tokenizer.render_chat(trimmed, True)[0]) + 10 <= lm.context_length

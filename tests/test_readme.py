@@ -61,6 +61,7 @@ def test_quick_start_pipeline_on_the_tiny_preset(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_quick_start_exactly_as_written(tmp_path):
     """`tinylm run` with no arguments: cpu-demo on the built-in corpus, ~15 minutes on 2 cores."""
     result = _run_cli(_tinylm_command(quick_start()[0]), tmp_path, timeout=1800)
@@ -72,8 +73,14 @@ def test_quick_start_exactly_as_written(tmp_path):
     print(result.stdout[-3000:])
 
 
+def _section_python(heading: str) -> str:
+    section = README.read_text(encoding="utf-8").split(heading, 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    return code
+
+
 def test_python_example_runs(tmp_path, monkeypatch):
-    (code,) = _blocks("python")
+    code = _section_python("## Python API")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "runs/api-demo/pretrain/checkpoints/latest").is_file()

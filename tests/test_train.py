@@ -106,3 +106,28 @@ def test_no_limit_is_an_error(prepared, tmp_path):
     cfg = _cfg(prepared, **{"train.max_steps": 0})
     with pytest.raises(ValueError, match="no training limit"):
         pretrain(cfg, prepared["shards"], tmp_path)
+
+
+def test_token_and_epoch_limits_set_the_horizon(prepared, tmp_path):
+    from tinylm.data import PackedBatches
+    from tinylm.shards import load_split
+
+    cfg = _cfg(prepared, **{"train.max_steps": 0, "train.max_tokens": 5000, "train.save_every": 0})
+    assert pretrain(cfg, prepared["shards"], tmp_path / "tokens")["steps"] == math.ceil(5000 / (8 * 64))
+    arrays, _ = load_split(prepared["shards"], "train")
+    per_epoch = PackedBatches(arrays, 64, 8).steps_per_epoch
+    cfg = _cfg(prepared, **{"train.max_steps": 0, "train.max_epochs": 0.05, "train.save_every": 0})
+    assert pretrain(cfg, prepared["shards"], tmp_path / "epochs")["steps"] == math.ceil(0.05 * per_epoch)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(prepared, tmp_path):
+    losses = {}
+    for compiled in (False, True):
+        cfg = _cfg(prepared, **{"train.max_steps": 4, "train.compile": compiled, "train.dtype": "fp32",
+                                "train.save_every": 0})
+        pretrain(cfg, prepared["shards"], tmp_path / str(compiled))
+        records = [json.loads(line) for line in (tmp_path / str(compiled) / "metrics.jsonl").read_text().splitlines()]
+        losses[compiled] = [r["loss"] for r in records]
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], abs=2e-3)

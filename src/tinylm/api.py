@@ -26,6 +26,14 @@ from .tokenizer import Tokenizer
 from .train import pick_device
 
 
+@dataclasses.dataclass
+class Usage:
+    """Filled in by a stream as it runs: token counts and why it ended ("stop" or "length")."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "length"
+
+
 class LanguageModel:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, meta: dict | None = None):
         self.model = model.eval()
@@ -63,17 +71,34 @@ class LanguageModel:
     def generate(self, prompt: str, **sampling) -> str:
         return "".join(self.stream(prompt, **sampling))
 
-    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, usage: Usage | None = None, **sampling) -> Iterator[str]:
         ids = [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
-        return self.stream_ids(ids, self.sampling(**sampling))
+        return self.stream_ids(ids, self.sampling(**sampling), usage)
 
     # --- chat ----------------------------------------------------------------------------------
     def chat(self, messages: list[dict], **sampling) -> str:
         return "".join(self.stream_chat(messages, **sampling))
 
-    def stream_chat(self, messages: list[dict], **sampling) -> Iterator[str]:
+    def stream_chat(self, messages: list[dict], usage: Usage | None = None, **sampling) -> Iterator[str]:
         ids, _ = self.tokenizer.render_chat(messages, add_generation_prompt=True)
-        return self.stream_ids(ids, self.sampling(**sampling))
+        return self.stream_ids(ids, self.sampling(**sampling), usage)
+
+    def fit_messages(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int]:
+        """Drop the oldest messages (keeping a system message) until prompt and reply fit the context.
+
+        Returns the kept messages and how many were dropped. If the newest message alone is too
+        long, it is kept and `fit_prompt` keeps its most recent tokens.
+        """
+        dropped = 0
+        while True:
+            ids, _ = self.tokenizer.render_chat(messages, add_generation_prompt=True)
+            if len(ids) + max_new_tokens <= self.context_length:
+                return messages, dropped
+            start = 1 if messages and messages[0]["role"] == "system" else 0
+            if len(messages) - start <= 1:
+                return messages, dropped
+            messages = messages[:start] + messages[start + 1:]
+            dropped += 1
 
     # --- shared by both ------------------------------------------------------------------------
     def fit_prompt(self, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -81,17 +106,21 @@ class LanguageModel:
         room = max(2, self.context_length - max_new_tokens)
         return ids if len(ids) <= room else [ids[0], *ids[-(room - 1):]]
 
-    def stream_ids(self, ids: list[int], sc: SampleConfig) -> Iterator[str]:
+    def stream_ids(self, ids: list[int], sc: SampleConfig, usage: Usage | None = None) -> Iterator[str]:
         """Decode a continuation of `ids`, yielding text as soon as it is safe to show."""
         tok = self.tokenizer
+        usage = usage if usage is not None else Usage()
         ids = self.fit_prompt(ids, sc.max_new_tokens)
+        usage.prompt_tokens = len(ids)
         stop_ids = [tok.end_id, tok.eos_id]
         hold = max((len(s) for s in sc.stop), default=1) - 1
         generated: list[int] = []
         emitted = 0
         for nxt in generate_ids(self.model, [ids], sc, stop_ids=stop_ids):
             token = int(nxt[0])
+            usage.completion_tokens += 1
             if token in stop_ids:
+                usage.finish_reason = "stop"
                 break
             generated.append(token)
             text = tok.decode(generated)
@@ -99,6 +128,7 @@ class LanguageModel:
                 continue
             cut = min((text.find(s) for s in sc.stop if s in text), default=-1)  # the first stop ends it
             if cut >= 0:
+                usage.finish_reason = "stop"
                 if cut > emitted:
                     yield text[emitted:cut]
                 return

@@ -17,20 +17,6 @@ HELP = """commands:
   /quit               leave (Ctrl-D works too)"""
 
 
-def trim_history(lm, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int]:
-    """Drop the oldest turns (keeping a system message) until the prompt and reply fit the context."""
-    dropped = 0
-    while True:
-        ids, _ = lm.tokenizer.render_chat(messages, add_generation_prompt=True)
-        if len(ids) + max_new_tokens <= lm.context_length:
-            return messages, dropped
-        start = 1 if messages and messages[0]["role"] == "system" else 0
-        if len(messages) - start <= 1:  # only the newest message is left: the generator truncates it
-            return messages, dropped
-        messages = messages[:start] + messages[start + 1:]
-        dropped += 1
-
-
 def chat_loop(checkpoint: str, cfg: Config, device: str = "auto", system: str = "", out_dir: str | None = None,
               input_fn=input, print_fn=print) -> int:
     lm = load(checkpoint, device)
@@ -67,7 +53,7 @@ def chat_loop(checkpoint: str, cfg: Config, device: str = "auto", system: str = 
                 print_fn(HELP.format(fields=", ".join(fields)))
             continue
         history.append({"role": "user", "content": line})
-        history, dropped = trim_history(lm, history, sample.max_new_tokens)
+        history, dropped = lm.fit_messages(history, sample.max_new_tokens)
         if dropped:
             print_fn(f"(the conversation outgrew the {lm.context_length}-token context: dropped the {dropped} oldest message(s))")
         print_fn("bot> ", end="", flush=True)

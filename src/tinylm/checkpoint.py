@@ -132,5 +132,9 @@ def load_trainer_state(ckpt: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def checkpoint_model_config(ckpt: Path) -> ModelConfig:
+    return ModelConfig(**read_json(Path(ckpt) / "meta.json")["model"])
+
+
 def checkpoint_config(ckpt: Path) -> Config:
     return config_from_dict(read_json(ckpt / "meta.json")["config"])

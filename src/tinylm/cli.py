@@ -10,18 +10,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, help_text, load_config, preset_names, to_toml
 
 VERBS = {
-    "run": "tokenizer -> shards -> pretrain -> samples on a corpus (default: the built-in one)",
+    "run": "tokenizer -> shards -> pretrain -> SFT -> samples and a demo chat (default: the built-in corpus)",
     "tokenizer": "train a tokenizer on data.corpus",
     "shards": "tokenize data.corpus into train/val token shards",
     "pretrain": "pretrain a model on token shards",
+    "sft": "fine-tune a checkpoint on conversations (sft.corpus) with the same training loop",
     "generate": "continue prompts with a trained model",
     "chat": "talk to a model in the terminal",
+    "serve": "OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions; GET /v1/models)",
+    "web": "Streamlit chat page in the browser",
     "info": "describe a checkpoint (size, config, training state)",
     "presets": "list the config presets",
     "config-help": "list every config field with its meaning",
@@ -38,11 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     p = {name: sub.add_parser(name, parents=[common], help=text, description=text) for name, text in VERBS.items()}
     p["shards"].add_argument("--tokenizer", required=True, help="tokenizer directory")
     p["pretrain"].add_argument("--shards", required=True, help="shard directory (its meta.json names the tokenizer)")
-    for verb in ("generate", "chat", "info"):
+    for verb in ("generate", "chat", "info", "sft", "serve", "web"):
         p[verb].add_argument("checkpoint", help="checkpoint, stage or run directory")
     p["generate"].add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: sample.prompts)")
-    for verb in ("generate", "chat"):
+    for verb in ("generate", "chat", "serve", "web"):
         p[verb].add_argument("--device", default="auto")
+    for verb, port in (("serve", 8000), ("web", 8501)):
+        p[verb].add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+        p[verb].add_argument("--port", type=int, default=port)
+    p["serve"].add_argument("--api-key", default=os.environ.get("TINYLM_API_KEY"), help="require this bearer key (default: $TINYLM_API_KEY)")
+    p["serve"].add_argument("--model-name", default="tinylm", help="the model id clients pass")
     p["chat"].add_argument("--system", default="", help="system message")
     return parser
 
@@ -119,6 +129,20 @@ def cmd_pretrain(args, overrides) -> int:
     return 0
 
 
+def cmd_sft(args, overrides) -> int:
+    import torch.distributed as dist
+
+    from .pipeline import sft
+
+    base = _saved_config(args.checkpoint)  # the pretraining run's settings, then --config and overrides
+    summary = sft(_config(args, overrides, base=base), args.checkpoint, args.out or "runs/default/sft")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(summary, indent=2, default=str))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
 def _saved_config(checkpoint: str) -> Config:
     from .checkpoint import checkpoint_config, find_checkpoint
 
@@ -154,6 +178,25 @@ def cmd_chat(args, overrides) -> int:
     return chat_loop(args.checkpoint, cfg, device=args.device, system=args.system, out_dir=args.out)
 
 
+def cmd_serve(args, overrides) -> int:
+    from .server import serve
+
+    serve(args.checkpoint, args.host, args.port, args.api_key, args.model_name, args.device)
+    return 0
+
+
+def cmd_web(args, overrides) -> int:
+    from .checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(args.checkpoint)  # fail here, with a clear message, not inside the page
+    app = Path(__file__).with_name("webapp.py")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--", "--checkpoint", str(ckpt), "--device", args.device]
+    print(f"web chat for {ckpt} on http://{args.host}:{args.port}")
+    return subprocess.call(cmd)
+
+
 def cmd_info(args, overrides) -> int:
     from .checkpoint import find_checkpoint
     from .io import read_json
@@ -181,8 +224,8 @@ def cmd_config_help(args, overrides) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain,
-            "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "presets": cmd_presets,
+COMMANDS = {"run": cmd_run, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "sft": cmd_sft,
+            "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "web": cmd_web, "info": cmd_info, "presets": cmd_presets,
             "config-help": cmd_config_help}
 
 if __name__ == "__main__":

@@ -119,6 +119,20 @@ class TrainConfig:
 
 
 @dataclass
+class SFTConfig:
+    corpus: list[str] = field(default_factory=lambda: ["builtin"])  # conversation JSONL files ("conversations" or "messages") or "builtin"; empty = no SFT in `tinylm run`
+    val_fraction: float = 0.05  # share of conversations held out for validation
+    lr: float = 5e-4  # peak learning rate for fine-tuning (other settings come from [train])
+    warmup_steps: int = 20  # linear warmup steps
+    batch_size: int = 16  # conversations per micro-batch (per rank)
+    max_steps: int = 0  # stop after this many steps (0 = no limit)
+    max_epochs: float = 1.0  # stop after this many passes over the conversations (0 = no limit)
+    max_time: float = 0.0  # stop after this many seconds (0 = no limit)
+    eval_every: int = 100  # validation on held-out conversations every N steps
+    demo: list[str] = field(default_factory=lambda: ["Hi! How are you today?", "What do you like to do on weekends?"])  # user messages of the demo exchange after `tinylm run`
+
+
+@dataclass
 class SampleConfig:
     max_new_tokens: int = 120  # tokens to generate
     temperature: float = 0.8  # 0 = greedy
@@ -136,6 +150,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,8 +160,9 @@ class Config:
         self.model.validate()
         if self.tokenizer.kind not in ("bpe", "sentencepiece"):
             raise ConfigError(f"tokenizer.kind must be 'bpe' or 'sentencepiece', not {self.tokenizer.kind!r}")
-        if not 0.0 <= self.data.val_fraction < 1.0:
-            raise ConfigError("data.val_fraction must be in [0, 1)")
+        for name, value in (("data.val_fraction", self.data.val_fraction), ("sft.val_fraction", self.sft.val_fraction)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1)")
         return self
 
 
@@ -296,6 +312,6 @@ def help_text() -> str:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "ModelConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
+    "Config", "ConfigError", "DataConfig", "ModelConfig", "SFTConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
     "config_from_dict", "load_config", "preset_names", "to_toml",
 ]

@@ -157,16 +157,20 @@ def read_documents(cfg: DataConfig) -> Iterator[Document]:
         yield from READERS[_suffix(path)](path, cfg)
 
 
-def corpus_fingerprint(cfg: DataConfig) -> dict:
-    """What identifies the input: file sizes and times, package versions, reader settings."""
-    items = []
-    for p in cfg.corpus:
+def files_fingerprint(paths: list[str]) -> list[dict]:
+    """What identifies input files: sizes and modification times; package versions for `builtin`."""
+    items: list[dict] = []
+    for p in paths:
         if p == BUILTIN:
             items.append({p: {pkg: metadata.version(pkg) for pkg in BUILTIN_PACKAGES}})
-    for f in corpus_files(cfg.corpus):
+    for f in corpus_files(paths):
         st = os.stat(f)
         items.append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return {"inputs": items, "text_fields": cfg.text_fields, "doc_separator": cfg.doc_separator,
+    return items
+
+
+def corpus_fingerprint(cfg: DataConfig) -> dict:
+    return {"inputs": files_fingerprint(cfg.corpus), "text_fields": cfg.text_fields, "doc_separator": cfg.doc_separator,
             "txt_chunk_chars": cfg.txt_chunk_chars, "val_fraction": cfg.val_fraction}
 
 

@@ -46,8 +46,13 @@ class MetricsLog:
         self._log.write(stamped + "\n")
         self._log.flush()
 
-    def step(self, record: dict, total_steps: int | None, eta: float, bar=None) -> None:
+    def step(self, record: dict, total_steps: int | None, eta: float, show: bool = True) -> None:
+        """Append every step to metrics.jsonl; print (and log) it when `show`."""
         if not self.enabled:
+            return
+        self._metrics.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        self._metrics.flush()
+        if not show:
             return
         total = f"/{total_steps}" if total_steps else ""
         text = (f"step {record['step']:>6}{total} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
@@ -57,8 +62,6 @@ class MetricsLog:
             if "val_bpb" in record:
                 text += f" ({record['val_bpb']:.3f} bpb)"
         self.line(text)
-        self._metrics.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
-        self._metrics.flush()
 
 
 class Tracker:

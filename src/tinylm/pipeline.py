@@ -1,6 +1,7 @@
 """Stages and the one command that chains them.
 
     corpus -> tokenizer/ -> shards/ -> pretrain/checkpoints/ -> samples
+           conversations -> sft/data/ -> sft/checkpoints/ -> demo chat
 
 Every stage writes its outputs with a `meta.json` that records an `inputs_hash` (what the stage
 read and the settings it used). `tinylm run` skips a stage whose hash is unchanged, resumes a
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .config import Config, to_toml
-from .corpus import corpus_fingerprint, is_validation, read_documents
+from .corpus import corpus_fingerprint, files_fingerprint, is_validation, read_documents
 from .data import PackedBatches
 from .io import hash_json, read_json, write_json, write_text
+from .sft import SFTBatches, SFTRows, build_sft_shards, read_conversations
 from .shards import build_shards, load_split
 from .tokenizer import Tokenizer, bytes_per_token, train_tokenizer
 from .train import Runtime, setup_runtime, train
@@ -112,6 +114,58 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
     return train(cfg, out_dir, rt, batches, make_val, tokenizer_dir, bytes_per_token=bpt, stage="pretrain")
 
 
+# --- supervised fine-tuning ----------------------------------------------------------------------
+def sft_data_stage(cfg: Config, checkpoint: Path, out_dir: Path, progress: bool = True) -> Path:
+    """Tokenize cfg.sft.corpus with the checkpoint's tokenizer into SFT shards (skipped when up to date)."""
+    from .checkpoint import checkpoint_model_config
+
+    tok = Tokenizer.load(checkpoint)
+    max_tokens = checkpoint_model_config(checkpoint).max_seq_len + 1  # inputs and shifted targets
+    inputs_hash = hash_json({"corpus": files_fingerprint(cfg.sft.corpus), "val_fraction": cfg.sft.val_fraction,
+                             "tokenizer": tok.fingerprint, "max_tokens": max_tokens})
+    if _fresh(out_dir, inputs_hash):
+        say(f"sft data: up to date in {out_dir}")
+        return out_dir
+    say(f"sft data: rendering conversations from {', '.join(cfg.sft.corpus)}")
+    meta = build_sft_shards(read_conversations(cfg.sft.corpus), tok, out_dir, max_tokens, cfg.sft.val_fraction,
+                            extra_meta={"inputs_hash": inputs_hash, "config": dataclasses.asdict(cfg.sft)})
+    for split, st in meta["splits"].items():
+        say(f"sft data: {split} {st['conversations']:,} conversations -> {st['rows']:,} rows "
+            f"({st['split']} split to fit the context, {st['truncated']} cut, {st['dropped']} without answers dropped), "
+            f"{st['assistant_tokens']:,} assistant tokens")
+    return out_dir
+
+
+def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runtime | None = None) -> dict:
+    """Fine-tune a checkpoint on conversations with the same training loop; resumes like pretraining."""
+    from .checkpoint import checkpoint_model_config, find_checkpoint
+
+    init_checkpoint, out_dir = find_checkpoint(init_checkpoint), Path(out_dir)
+    rt = rt or setup_runtime(cfg.train)
+    data_dir = out_dir / "data"
+    if rt.is_main:
+        sft_data_stage(cfg, init_checkpoint, data_dir)
+    if rt.world > 1:
+        dist.barrier()
+    s = cfg.sft
+    cfg = dataclasses.replace(
+        cfg, model=checkpoint_model_config(init_checkpoint),
+        train=dataclasses.replace(cfg.train, lr=s.lr, warmup_steps=s.warmup_steps, batch_size=s.batch_size,
+                                  max_steps=s.max_steps, max_epochs=s.max_epochs, max_time=s.max_time, max_tokens=0,
+                                  eval_every=s.eval_every, init_from=str(init_checkpoint)))
+    tok, seq = Tokenizer.load(init_checkpoint), cfg.model.max_seq_len
+    batches = SFTBatches(SFTRows.load(data_dir, "train"), seq, s.batch_size, tok.pad_id, cfg.train.seed, rt.rank, rt.world)
+    val_rows = SFTRows.load(data_dir, "val")
+    make_val = None
+    if len(val_rows) >= rt.world * s.batch_size:
+        n_val = min(cfg.train.eval_batches, len(val_rows) // (rt.world * s.batch_size))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_batches=n_val))
+        make_val = lambda: SFTBatches(val_rows, seq, s.batch_size, tok.pad_id, 0, rt.rank, rt.world, shuffle=False)  # noqa: E731
+    elif rt.is_main:
+        say(f"sft: only {len(val_rows)} held-out conversation rows: no validation loss")
+    return train(cfg, out_dir, rt, batches, make_val, init_checkpoint, stage="sft")
+
+
 # --- samples and the whole run -------------------------------------------------------------------
 def print_samples(checkpoint: str | Path, cfg: Config, out_file: Path | None = None) -> list[dict]:
     from .api import load
@@ -128,7 +182,7 @@ def print_samples(checkpoint: str | Path, cfg: Config, out_file: Path | None = N
 
 
 def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
-    """tokenizer -> shards -> pretrain -> samples, all under run_dir; each stage skipped when up to date."""
+    """tokenizer -> shards -> pretrain -> samples -> SFT -> demo chat under run_dir; up-to-date stages are skipped."""
     run_dir = Path(run_dir)
     rt = setup_runtime(cfg.train)
     if rt.is_main:
@@ -141,14 +195,37 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     summary = pretrain(cfg, run_dir / "shards", run_dir / "pretrain", rt, run_dir / "tokenizer")
     if rt.is_main:
         print_samples(summary["checkpoint"], cfg, run_dir / "samples.json")
+    if cfg.sft.corpus:
+        summary = sft(cfg, summary["checkpoint"], run_dir / "sft", rt)
+        if rt.is_main:
+            demo_exchange(summary["checkpoint"], cfg, run_dir / "demo_chat.json")
+    if rt.is_main:
         say(_next_steps(run_dir, summary))
     return summary
+
+
+def demo_exchange(checkpoint: str | Path, cfg: Config, out_file: Path | None = None) -> list[dict]:
+    """A short conversation with the fine-tuned model: each demo message in turn, history kept."""
+    from .api import load
+
+    lm = load(checkpoint, device=cfg.train.device)
+    sampling = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "prompts"}
+    messages: list[dict] = []
+    say("\nA short chat with the fine-tuned model:")
+    for text in cfg.sft.demo:
+        messages.append({"role": "user", "content": text})
+        reply = lm.chat(messages, **sampling).strip()
+        messages.append({"role": "assistant", "content": reply})
+        say(f"  you> {text}\n  bot> {reply}")
+    if out_file:
+        write_json(out_file, {"checkpoint": str(checkpoint), "messages": messages})
+    return messages
 
 
 def _next_steps(run_dir: Path, summary: dict) -> str:
     loss = summary["best_val_loss"]
     shown = f"best validation loss {loss:.3f}" if math.isfinite(loss) else "no validation loss"
-    return (f"\nDone: {summary['params']:,} parameters, {summary['steps']} steps, {shown}.\n"
+    return (f"\nDone: {summary['params']:,} parameters, {summary['steps']} {summary['stage']} steps, {shown}.\n"
             f"Next:\n"
             f"  tinylm generate {run_dir} --prompt \"Hello, how are you\"   # sample from the model\n"
             f"  tinylm chat {run_dir}                                     # talk to it in the terminal\n"

@@ -264,8 +264,8 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
         if rt.is_main:
             bar.update(1)
             remaining = _eta(progress, tc, total_steps)
-            if progress.step % tc.log_every == 0 or finished or "val_loss" in record or progress.step == 1:
-                log.step(record, total_steps, remaining, bar)
+            show = progress.step % tc.log_every == 0 or finished or "val_loss" in record or progress.step == 1
+            log.step(record, total_steps, remaining, show)
             if tracker:
                 tracker.log(record)
         if (tc.save_every and progress.step % tc.save_every == 0) or finished:

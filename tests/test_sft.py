@@ -1,0 +1,136 @@
+import json
+import math
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinylm.checkpoint import latest_checkpoint
+from tinylm.corpus import CorpusError
+from tinylm.pipeline import pretrain, sft
+from tinylm.sft import FitStats, SFTBatches, SFTRows, build_sft_shards, fit_to_context, read_conversations
+
+from conftest import tiny_config
+
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def arithmetic_chats(path, n=400, seed=0):
+    """Conversations with a learnable answer pattern, half in each accepted format."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            a, b = rng.randrange(5), rng.randrange(5)
+            turns = [{"role": "user", "content": f"What is {NUMBERS[a]} plus {NUMBERS[b]}?"},
+                     {"role": "assistant", "content": f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]}."}]
+            key = "conversations" if i % 2 else "messages"
+            f.write(json.dumps({key: turns}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    cfg = tiny_config(prepared["cfg"].data.corpus[0], **{"train.max_steps": 30})
+    return pretrain(cfg, prepared["shards"], out)["checkpoint"]
+
+
+def test_batch_targets_are_exactly_the_assistant_tokens(tokenizer, tmp_path):
+    tok = tokenizer
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye."}]
+    conv = type("C", (), {"messages": messages, "source": "hand"})
+    build_sft_shards([conv], tok, tmp_path, max_tokens=65, val_fraction=0.0)
+    x, y = SFTBatches(SFTRows.load(tmp_path, "train"), 64, 1, tok.pad_id).next_batch()
+    trained = y[y != -100].tolist()
+    assert trained == [*tok.encode("Hello!"), tok.end_id, *tok.encode("Goodbye."), tok.end_id]
+    ids, _ = tok.render_chat(messages)
+    assert x[0, :len(ids) - 1].tolist() == ids[:-1] and (x[0, len(ids) - 1:] == tok.pad_id).all()
+    # the first answer token is predicted from the assistant marker before it
+    first = ids.index(tok.role_ids["assistant"])
+    assert y[0, first].item() == tok.encode("Hello!")[0]
+
+
+def test_long_conversations_are_split_at_user_turns(tokenizer):
+    messages = [{"role": "system", "content": "sys"}]
+    for i in range(12):
+        messages += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i} " * 3}]
+    stats = FitStats()
+    exchange = len(tokenizer.render_chat(messages[:3])[0])
+    window = 3 * exchange  # room for about three exchanges after the system message
+    rows = fit_to_context(tokenizer, messages, window, stats)
+    assert len(rows) >= 4 and stats.split == 1 and stats.truncated == 0
+    sys_ids = tokenizer.render_chat(messages[:1])[0]
+    for ids, mask in rows:
+        assert len(ids) <= window and ids[:len(sys_ids)] == sys_ids
+        assert ids[len(sys_ids)] == tokenizer.role_ids["user"] and sum(mask) > 0
+    total_trained = sum(sum(m) for _, m in rows)
+    assert total_trained == sum(tokenizer.render_chat(messages)[1])  # nothing lost
+
+
+def test_an_exchange_longer_than_the_context_is_cut_and_counted(tokenizer):
+    stats = FitStats()
+    rows = fit_to_context(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 200}], 50, stats)
+    assert len(rows) == 1 and len(rows[0][0]) == 50 and stats.truncated == 1
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', r"message 0: field 'role' is 'robot'"),
+    ('{"chat": []}', r"no field 'conversations' or 'messages' \(fields present: chat\)"),
+    ('{"messages": [{"role": "user", "content": 3}]}', "field 'content' must be a string"),
+])
+def test_bad_conversations_name_file_line_and_field(tmp_path, line, message):
+    path = tmp_path / "chats.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n' + line + "\n")
+    with pytest.raises(CorpusError, match=f"chats.jsonl:2: .*{message}"):
+        list(read_conversations([str(path)]))
+
+
+def _sft_cfg(prepared, chats, **overrides):
+    return tiny_config(prepared["cfg"].data.corpus[0], **{
+        "sft.corpus": [str(chats)], "sft.val_fraction": 0.2, "sft.batch_size": 8, "sft.max_steps": 40,
+        "sft.eval_every": 10, "sft.lr": 3e-3, **overrides})
+
+
+def test_sft_lowers_validation_loss_on_held_out_conversations(prepared, base_checkpoint, tmp_path):
+    chats = arithmetic_chats(tmp_path / "chats.jsonl")
+    summary = sft(_sft_cfg(prepared, chats), base_checkpoint, tmp_path / "sft")
+    meta = json.loads((tmp_path / "sft" / "data" / "meta.json").read_text())
+    assert meta["splits"]["val"]["conversations"] > 40 and meta["splits"]["train"]["dropped"] == 0
+    records = [json.loads(ln) for ln in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 4 and val[-1] < val[0] - 0.5, val
+    assert summary["stage"] == "sft" and math.isfinite(summary["best_val_loss"])
+    trained_meta = json.loads((latest_checkpoint(tmp_path / "sft") / "meta.json").read_text())
+    assert trained_meta["trainer"]["stage"] == "sft"
+
+
+def test_sft_resumes_exactly(prepared, base_checkpoint, tmp_path):
+    chats = arithmetic_chats(tmp_path / "chats.jsonl", n=120)
+    cfg = _sft_cfg(prepared, chats, **{"sft.max_steps": 8, "train.save_every": 4, "train.keep_last": 5,
+                                       "model.dropout": 0.0})
+    sft(cfg, base_checkpoint, tmp_path / "straight")
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight/checkpoints/step-0000004", tmp_path / "resumed/checkpoints/step-0000004")
+    sft(cfg, base_checkpoint, tmp_path / "resumed")
+    a = load_file(str(tmp_path / "straight/checkpoints/step-0000008/model.safetensors"))
+    b = load_file(str(tmp_path / "resumed/checkpoints/step-0000008/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    four = load_file(str(tmp_path / "straight/checkpoints/step-0000004/model.safetensors"))
+    assert not all(torch.equal(four[k], b[k]) for k in a)
+
+
+def test_builtin_conversations_are_real_and_alternate():
+    first = []
+    for conv in read_conversations(["builtin"]):
+        first.append(conv)
+        if len(first) == 50:
+            break
+    assert all(c.source.startswith("chitchat-dataset:") for c in first)
+    for conv in first:
+        roles = [m["role"] for m in conv.messages]
+        assert roles[0] == "user" and all(a != b for a, b in zip(roles, roles[1:]))
