@@ -54,21 +54,21 @@ def test_batch_targets_are_exactly_the_assistant_tokens(tokenizer, tmp_path):
     assert y[0, first].item() == tok.encode("Hello!")[0]
 
 
-def test_long_conversations_are_split_at_user_turns(tokenizer):
+def test_long_conversations_are_split_into_whole_exchanges(tokenizer):
     messages = [{"role": "system", "content": "sys"}]
-    for i in range(12):
-        messages += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i} " * 3}]
-    stats = FitStats()
+    for i in range(12):  # short questions, long answers: a split decided at the question alone would cut answers
+        messages += [{"role": "user", "content": f"q{i}?"}, {"role": "assistant", "content": f"answer {i} " * 6}]
     exchange = len(tokenizer.render_chat(messages[:3])[0])
-    window = 3 * exchange  # room for about three exchanges after the system message
+    window = int(2.5 * exchange)  # room for about two exchanges after the system message
+    stats = FitStats()
     rows = fit_to_context(tokenizer, messages, window, stats)
-    assert len(rows) >= 4 and stats.split == 1 and stats.truncated == 0
+    assert len(rows) >= 5 and stats.split == 1 and stats.truncated == 0
     sys_ids = tokenizer.render_chat(messages[:1])[0]
     for ids, mask in rows:
         assert len(ids) <= window and ids[:len(sys_ids)] == sys_ids
-        assert ids[len(sys_ids)] == tokenizer.role_ids["user"] and sum(mask) > 0
+        assert ids[len(sys_ids)] == tokenizer.role_ids["user"] and ids[-1] == tokenizer.end_id and mask[-1] == 1
     total_trained = sum(sum(m) for _, m in rows)
-    assert total_trained == sum(tokenizer.render_chat(messages)[1])  # nothing lost
+    assert total_trained == sum(tokenizer.render_chat(messages)[1])  # every answer token is kept
 
 
 def test_an_exchange_longer_than_the_context_is_cut_and_counted(tokenizer):
@@ -134,3 +134,18 @@ def test_builtin_conversations_are_real_and_alternate():
     for conv in first:
         roles = [m["role"] for m in conv.messages]
         assert roles[0] == "user" and all(a != b for a, b in zip(roles, roles[1:]))
+
+
+def test_sft_starts_over_when_the_base_model_changes(prepared, tmp_path):
+    chats = arithmetic_chats(tmp_path / "chats.jsonl", n=80)
+    base_cfg = tiny_config(prepared["cfg"].data.corpus[0], **{"train.max_steps": 4})
+    first = pretrain(base_cfg, prepared["shards"], tmp_path / "base")["checkpoint"]
+    cfg = _sft_cfg(prepared, chats, **{"sft.max_steps": 3})
+    sft(cfg, first, tmp_path / "sft")
+    second = pretrain(tiny_config(prepared["cfg"].data.corpus[0], **{"train.max_steps": 6}), prepared["shards"],
+                      tmp_path / "base")["checkpoint"]
+    assert second != first
+    summary = sft(cfg, second, tmp_path / "sft")
+    assert summary["steps"] == 3 and (tmp_path / "sft" / "checkpoints.superseded").is_dir()
+    meta = json.loads((latest_checkpoint(tmp_path / "sft") / "meta.json").read_text())
+    assert meta["config"]["train"]["init_from"] == second

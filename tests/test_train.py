@@ -131,3 +131,51 @@ def test_compiled_training_matches_eager(prepared, tmp_path):
         losses[compiled] = [r["loss"] for r in records]
     assert len(losses[True]) == 4
     assert losses[True] == pytest.approx(losses[False], abs=2e-3)
+
+
+def test_resuming_a_different_model_is_a_clear_error(prepared, tmp_path):
+    pretrain(_cfg(prepared, **{"train.max_steps": 2}), prepared["shards"], tmp_path)
+    with pytest.raises(CheckpointError, match=r"its model differs \(n_layers: 2 then, 3 now\)"):
+        pretrain(_cfg(prepared, **{"train.max_steps": 4, "model.n_layers": 3}), prepared["shards"], tmp_path)
+
+
+def test_non_finite_steps_are_skipped_and_counted(prepared, tmp_path, monkeypatch):
+    from tinylm.model import Transformer
+
+    calls = {"n": 0}
+    forward = Transformer.forward
+
+    def flaky(self, idx, targets=None, cache=None):
+        logits, loss = forward(self, idx, targets, cache)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] in (3, 4):
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(Transformer, "forward", flaky)
+    summary = pretrain(_cfg(prepared, **{"train.max_steps": 6}), prepared["shards"], tmp_path)
+    meta = json.loads((latest_checkpoint(tmp_path) / "meta.json").read_text())
+    assert summary["steps"] == 6 and meta["trainer"]["nonfinite_total"] == 2
+    assert "non-finite loss nan" in (tmp_path / "train.log").read_text()
+
+
+def test_a_run_of_non_finite_steps_stops_with_the_last_checkpoint_kept(prepared, tmp_path, monkeypatch):
+    from tinylm.model import Transformer
+
+    forward = Transformer.forward
+    calls = {"n": 0}
+
+    def broken_after_four(self, idx, targets=None, cache=None):
+        logits, loss = forward(self, idx, targets, cache)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] > 4:
+                loss = loss * float("inf")
+        return logits, loss
+
+    monkeypatch.setattr(Transformer, "forward", broken_after_four)
+    with pytest.raises(FloatingPointError, match="5 non-finite steps in a row"):
+        pretrain(_cfg(prepared, **{"train.max_steps": 20, "train.save_every": 2}), prepared["shards"], tmp_path)
+    assert latest_checkpoint(tmp_path).name == "step-0000004"
+    load_checkpoint(latest_checkpoint(tmp_path))  # intact

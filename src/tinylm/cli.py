@@ -193,7 +193,9 @@ def cmd_web(args, overrides) -> int:
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
            "--", "--checkpoint", str(ckpt), "--device", args.device]
-    print(f"web chat for {ckpt} on http://{args.host}:{args.port}")
+    print(f"web chat for {ckpt} on http://{args.host}:{args.port}", flush=True)
+    if os.name == "posix":  # become the Streamlit server, so that signals (Ctrl-C, SIGTERM) reach it
+        os.execv(sys.executable, cmd)
     return subprocess.call(cmd)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
@@ -144,6 +145,7 @@ def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runti
     rt = rt or setup_runtime(cfg.train)
     data_dir = out_dir / "data"
     if rt.is_main:
+        _set_aside_if_base_changed(out_dir, init_checkpoint)
         sft_data_stage(cfg, init_checkpoint, data_dir)
     if rt.world > 1:
         dist.barrier()
@@ -164,6 +166,23 @@ def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runti
     elif rt.is_main:
         say(f"sft: only {len(val_rows)} held-out conversation rows: no validation loss")
     return train(cfg, out_dir, rt, batches, make_val, init_checkpoint, stage="sft")
+
+
+def _set_aside_if_base_changed(out_dir: Path, init_checkpoint: Path) -> None:
+    """SFT checkpoints fine-tuned from another base are moved to checkpoints.superseded/, not resumed."""
+    from .checkpoint import latest_checkpoint
+
+    previous = latest_checkpoint(out_dir)
+    if previous is None:
+        return
+    base = read_json(previous / "meta.json")["config"]["train"]["init_from"]
+    if Path(base).resolve() != init_checkpoint.resolve():
+        aside = out_dir / "checkpoints.superseded"
+        if aside.exists():
+            shutil.rmtree(aside)
+        (out_dir / "checkpoints").rename(aside)
+        say(f"sft: the base model changed ({base} -> {init_checkpoint}); fine-tuning starts over "
+            f"(the old checkpoints are in {aside})")
 
 
 # --- samples and the whole run -------------------------------------------------------------------
@@ -227,9 +246,11 @@ def _next_steps(run_dir: Path, summary: dict) -> str:
     shown = f"best validation loss {loss:.3f}" if math.isfinite(loss) else "no validation loss"
     return (f"\nDone: {summary['params']:,} parameters, {summary['steps']} {summary['stage']} steps, {shown}.\n"
             f"Next:\n"
-            f"  tinylm generate {run_dir} --prompt \"Hello, how are you\"   # sample from the model\n"
-            f"  tinylm chat {run_dir}                                     # talk to it in the terminal\n"
-            f"  tinylm run --out {run_dir} --train.max_steps=<more>        # train longer (resumes)\n")
+            f"  tinylm chat {run_dir}                       # talk to it in the terminal\n"
+            f"  tinylm web {run_dir}                        # ... in the browser (http://127.0.0.1:8501)\n"
+            f"  tinylm serve {run_dir}                      # ... through an OpenAI-compatible API\n"
+            f"  tinylm generate {run_dir} --prompt \"Hello\"  # continue a prompt\n"
+            f"  tinylm run --out {run_dir} --train.max_time=1200   # train longer (resumes)\n")
 
 
 def train_on_documents(documents: list[dict], out_dir: str | Path, config: str | Config = "cpu-demo",

@@ -5,9 +5,9 @@ Formats (JSON Lines, optionally .gz), one conversation per line:
     {"messages": [{"role": "system", ...}, {"role": "user", ...}, ...]}                      (OpenAI)
 and `builtin` (chitchat-dataset dialogues and chatterbot-corpus pairs).
 
-Rule for conversations longer than the context: they are split at message boundaries into pieces
-that each start with the system message (if any) followed by a user message and fit the context;
-a single exchange that alone does not fit is cut at the context length. Every split and cut is
+Rule for conversations longer than the context: they are split into pieces of whole exchanges (a
+user message and the replies to it), each piece starting with the system message (if any), packed
+greedily so that each fits the context; an exchange that alone does not fit is cut at the context length. Every split and cut is
 counted in the shards' meta.json. Each piece becomes one row of a batch, padded at the end; with
 causal attention no real token sees the padding, and padding never carries loss.
 """
@@ -106,13 +106,18 @@ def fit_to_context(tok: Tokenizer, messages: list[dict], max_tokens: int, stats:
     if len(ids) <= max_tokens:
         return [(ids, mask)]
     system = messages[:1] if messages[0]["role"] == "system" else []
-    rest = messages[len(system):]
+    exchanges: list[list[dict]] = []  # a user message and the replies to it
+    for m in messages[len(system):]:
+        if m["role"] == "user" or not exchanges:
+            exchanges.append([m])
+        else:
+            exchanges[-1].append(m)
     pieces, current = [], []
-    for m in rest:
-        if m["role"] == "user" and current and len(tok.render_chat(system + current + [m])[0]) > max_tokens:
+    for exchange in exchanges:  # pack whole exchanges; start a new piece when the next one does not fit
+        if current and len(tok.render_chat(system + current + exchange)[0]) > max_tokens:
             pieces.append(current)
             current = []
-        current.append(m)
+        current += exchange
     pieces.append(current)
     stats.split += len(pieces) > 1
     rows = []

@@ -8,6 +8,7 @@ Runs as one process or under `torchrun` (DDP) with the same code.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -20,11 +21,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, load_trainer_state, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_trainer_state, save_checkpoint
 from .config import Config, TrainConfig, to_toml
 from .io import write_text
 from .logs import MetricsLog, Tracker, format_duration
 from .model import Transformer
+from .tokenizer import Tokenizer
 
 
 # --- runtime: device, precision, ranks -----------------------------------------------------------
@@ -180,7 +182,7 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
 
     resume_from = latest_checkpoint(out_dir) if tc.resume else None
     if resume_from is not None:
-        progress = _restore(resume_from, model, optimizer, scaler, train_batches, rt)
+        progress = _restore(resume_from, model, optimizer, scaler, train_batches, rt, tokenizer_dir)
     compiled = torch.compile(model) if tc.compile else model
     wrapped = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.world > 1 else compiled
 
@@ -222,29 +224,10 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
         lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=rt.device)
-        for micro in range(tc.grad_accum):
-            x, y = train_batches.next_batch()
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            sync = micro == tc.grad_accum - 1 or rt.world == 1
-            with (contextlib.nullcontext() if sync else wrapped.no_sync()), rt.autocast():
-                _, loss = wrapped(x, y)
-            scaler.scale(loss / tc.grad_accum).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        step_loss = loss_sum / tc.grad_accum
-        if rt.world > 1:
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        loss_value = step_loss.item()  # the one host sync per step
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()
+        loss_value, grad_norm = _accumulate_and_step(wrapped, model, optimizer, scaler, train_batches, rt, tc)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             _skip_nonfinite(progress, log, loss_value)
             continue
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         progress.nonfinite_in_row = 0
         progress.step += 1
         progress.tokens += tokens_per_step
@@ -255,7 +238,7 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
             dt = dt_all.item()
         progress.elapsed += dt
 
-        record = {"step": progress.step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
+        record = {"step": progress.step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                   "tok_per_s": round(tokens_per_step / dt), "tokens": progress.tokens,
                   "epoch": round(train_batches.progress, 4), "elapsed": round(progress.elapsed, 2)}
         finished = fraction_done(progress, tc, total_steps) >= 1.0
@@ -285,9 +268,42 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
     return summary
 
 
-def _restore(ckpt: Path, model, optimizer, scaler, train_batches, rt: Runtime) -> Progress:
+def _accumulate_and_step(wrapped, model, optimizer, scaler, batches, rt: Runtime, tc: TrainConfig) -> tuple[float, float]:
+    """grad_accum micro-batches (ranks sync gradients on the last one only), clip, optimizer step.
+
+    Returns (mean loss, gradient norm). A non-finite loss or norm skips the update.
+    """
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro in range(tc.grad_accum):
+        x, y = batches.next_batch()
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        sync = micro == tc.grad_accum - 1 or rt.world == 1
+        with (contextlib.nullcontext() if sync else wrapped.no_sync()), rt.autocast():
+            _, loss = wrapped(x, y)
+        scaler.scale(loss / tc.grad_accum).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    step_loss = loss_sum / tc.grad_accum
+    if rt.world > 1:
+        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+    loss_value, norm_value = step_loss.item(), grad_norm.item()  # the one host sync per step
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value
+
+
+def _restore(ckpt: Path, model, optimizer, scaler, train_batches, rt: Runtime, tokenizer_dir) -> Progress:
     """Load weights, optimizer, scaler, RNG and data position from a checkpoint."""
-    saved, _, meta = load_checkpoint(ckpt, rt.device)
+    saved, saved_tok, meta = load_checkpoint(ckpt, rt.device)
+    if saved.cfg != model.cfg:
+        changed = {k: (v, getattr(model.cfg, k)) for k, v in dataclasses.asdict(saved.cfg).items() if getattr(model.cfg, k) != v}
+        raise CheckpointError(f"cannot resume from {ckpt}: its model differs ({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in changed.items())}); "
+                              "use another --out, or --train.resume=false to start over")
+    if saved_tok.fingerprint != Tokenizer.load(tokenizer_dir).fingerprint:
+        raise CheckpointError(f"cannot resume from {ckpt}: it was trained with another tokenizer than {tokenizer_dir}")
     model.load_state_dict(saved.state_dict(), strict=True)
     state = load_trainer_state(ckpt)
     optimizer.load_state_dict(state["optimizer"])
