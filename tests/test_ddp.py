@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 
 
-def _pretrain(args, out, nproc=None):
-    common = ["pretrain", "--config", "tiny", "--out", str(out), *args]
+def _pretrain(args, out, nproc=None, verb=("pretrain",)):
+    common = [*verb, "--config", "tiny", "--out", str(out), *args]
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "tinylm.cli", *common]
@@ -39,3 +39,21 @@ def test_two_ranks_match_one_process(prepared, tmp_path):
     # the comparison is between trained weights: steps 4-6 moved them far beyond the tolerance
     three = load_file(str(tmp_path / "single/checkpoints/step-0000003/model.safetensors"))
     assert (three["layers.0.attn.wq.weight"] - a["layers.0.attn.wq.weight"]).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_sft_on_two_ranks_matches_one_process(prepared, tmp_path):
+    from test_sft import arithmetic_chats
+
+    base = tmp_path / "base"
+    _pretrain(["--shards", str(prepared["shards"]), "--train.max_steps=3", "--train.dtype=fp32",
+               f"--data.corpus={prepared['cfg'].data.corpus[0]}"], base)
+    chats = arithmetic_chats(tmp_path / "chats.jsonl", n=200)
+    shared = [f"--sft.corpus={chats}", "--sft.max_steps=4", "--sft.max_epochs=0", "--train.dtype=fp32",
+              "--train.save_every=0", "--sft.eval_every=2"]
+    _pretrain(shared + ["--sft.batch_size=8"], tmp_path / "single", verb=("sft", str(base)))
+    _pretrain(shared + ["--sft.batch_size=4"], tmp_path / "ddp", nproc=2, verb=("sft", str(base)))
+    a = load_file(str(tmp_path / "single/checkpoints/step-0000004/model.safetensors"))
+    b = load_file(str(tmp_path / "ddp/checkpoints/step-0000004/model.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=2e-5, rtol=1e-4), name

@@ -149,3 +149,16 @@ def test_sft_starts_over_when_the_base_model_changes(prepared, tmp_path):
     assert summary["steps"] == 3 and (tmp_path / "sft" / "checkpoints.superseded").is_dir()
     meta = json.loads((latest_checkpoint(tmp_path / "sft") / "meta.json").read_text())
     assert meta["config"]["train"]["init_from"] == second
+
+
+def test_accumulation_weighs_micro_batches_by_answer_tokens(prepared, base_checkpoint, tmp_path):
+    """4 conversations x 2 accumulated micro-batches == one batch of 8, though answers differ in length."""
+    chats = arithmetic_chats(tmp_path / "chats.jsonl", n=120)
+    weights = {}
+    for name, batch, accum in (("one", 8, 1), ("accumulated", 4, 2)):
+        cfg = _sft_cfg(prepared, chats, **{"sft.batch_size": batch, "train.grad_accum": accum, "sft.max_steps": 3,
+                                           "train.dtype": "fp32", "train.save_every": 0})
+        sft(cfg, base_checkpoint, tmp_path / name)
+        weights[name] = load_file(str(latest_checkpoint(tmp_path / name) / "model.safetensors"))
+    for key, value in weights["one"].items():
+        assert torch.allclose(value, weights["accumulated"][key], atol=1e-5), key

@@ -81,7 +81,7 @@ def test_trainer_state_loads_without_unpickling_code(prepared, tmp_path):
     assert {"optimizer", "scaler", "rng_cpu"} <= set(state)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_both_precisions_train(prepared, tmp_path, dtype):
     cfg = _cfg(prepared, **{"train.max_steps": 3, "train.dtype": dtype, "train.eval_every": 3})
     summary = pretrain(cfg, prepared["shards"], tmp_path)

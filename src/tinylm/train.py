@@ -271,23 +271,31 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
 def _accumulate_and_step(wrapped, model, optimizer, scaler, batches, rt: Runtime, tc: TrainConfig) -> tuple[float, float]:
     """grad_accum micro-batches (ranks sync gradients on the last one only), clip, optimizer step.
 
-    Returns (mean loss, gradient norm). A non-finite loss or norm skips the update.
+    The loss is the mean over every target token of the global batch (all micro-batches, all
+    ranks), so micro-batches and ranks holding fewer SFT answer tokens weigh less, exactly as one
+    big batch would. Returns (mean loss, gradient norm); a non-finite one skips the update.
     """
-    loss_sum = torch.zeros((), device=rt.device)
-    for micro in range(tc.grad_accum):
-        x, y = batches.next_batch()
+    micro_batches = [batches.next_batch() for _ in range(tc.grad_accum)]
+    counts = [int((y != -100).sum()) for _, y in micro_batches]
+    total = float(sum(counts))
+    if rt.world > 1:
+        global_count = torch.tensor(total, device=rt.device, dtype=torch.float64)
+        dist.all_reduce(global_count)
+        total = global_count.item()
+    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+    for micro, ((x, y), count) in enumerate(zip(micro_batches, counts)):
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         sync = micro == tc.grad_accum - 1 or rt.world == 1
         with (contextlib.nullcontext() if sync else wrapped.no_sync()), rt.autocast():
-            _, loss = wrapped(x, y)
-        scaler.scale(loss / tc.grad_accum).backward()
-        loss_sum += loss.detach()
+            _, loss = wrapped(x, y)  # mean over this micro-batch's targets
+        weight = count * rt.world / total  # DDP averages over ranks: undo it, then weigh by tokens
+        scaler.scale(loss * weight).backward()
+        loss_sum += loss.detach().double() * count
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-    step_loss = loss_sum / tc.grad_accum
     if rt.world > 1:
-        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-    loss_value, norm_value = step_loss.item(), grad_norm.item()  # the one host sync per step
+        dist.all_reduce(loss_sum)
+    loss_value, norm_value = (loss_sum / total).item(), grad_norm.item()  # the one host sync per step
     if math.isfinite(loss_value) and math.isfinite(norm_value):
         scaler.step(optimizer)
     scaler.update()
