@@ -53,3 +53,14 @@ def test_seed_preset_sizes(preset, low, high):
     cfg.model.vocab_size = cfg.tokenizer.vocab_size
     n = Transformer(cfg.model).num_params()
     assert low < n < high, n
+
+
+def test_config_help_lists_every_field_under_its_real_flag():
+    from tinylm.config import Config, help_text
+
+    flags = [line.split()[0][2:] for line in help_text().splitlines()]
+    expected = [f"{section}.{name}" for section, values in Config().to_dict().items() for name in values]
+    assert sorted(flags) == sorted(expected)
+    for flag in flags:  # each one is accepted by the override parser
+        section, name = flag.split(".")
+        load_config("tiny", [f"{flag}={getattr(getattr(Config(), section), name) if not isinstance(getattr(getattr(Config(), section), name), list) else ''}"])

@@ -19,6 +19,7 @@ from .config import Config, ConfigError, help_text, load_config, preset_names, t
 
 VERBS = {
     "run": "tokenizer -> shards -> pretrain -> SFT -> samples and a demo chat (default: the built-in corpus)",
+    "clean": "normalise, filter and deduplicate data.corpus into DIR/clean.jsonl with a report",
     "tokenizer": "train a tokenizer on data.corpus",
     "shards": "tokenize data.corpus into train/val token shards",
     "pretrain": "pretrain a model on token shards",
@@ -99,6 +100,21 @@ def cmd_run(args, overrides) -> int:
     saved = out / "config.toml"
     cfg = load_config(args.config or (str(saved) if saved.is_file() else "cpu-demo"), overrides)
     run(cfg, out)
+    return 0
+
+
+def cmd_clean(args, overrides) -> int:
+    from .clean import clean_corpus
+    from .corpus import read_documents
+    from .io import write_text
+
+    cfg = _config(args, overrides)
+    out = Path(args.out or "data/clean")
+    report = clean_corpus(read_documents(cfg.data), out, cfg.clean, cfg.data.workers)
+    write_text(out / "config.toml", to_toml(cfg))
+    print((out / "report.md").read_text(encoding="utf-8"))
+    print(f"kept {report['docs_out']:,} of {report['docs_in']:,} documents -> {out / 'clean.jsonl'} "
+          f"(use it with --data.corpus={out / 'clean.jsonl'})")
     return 0
 
 
@@ -226,7 +242,7 @@ def cmd_config_help(args, overrides) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "sft": cmd_sft,
+COMMANDS = {"run": cmd_run, "clean": cmd_clean, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "sft": cmd_sft,
             "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "web": cmd_web, "info": cmd_info, "presets": cmd_presets,
             "config-help": cmd_config_help}
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
 import json
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -89,6 +91,27 @@ class DataConfig:
 
 
 @dataclass
+class CleanConfig:
+    nfkc: bool = False  # apply Unicode NFKC normalisation (folds ligatures, full-width forms)
+    rejoin_wrapped: bool = False  # join hard-wrapped lines inside paragraphs into one line
+    min_chars: int = 100  # drop documents shorter than this many characters
+    max_chars: int = 50_000  # drop documents longer than this many characters
+    min_words: int = 20  # drop documents with fewer words
+    min_sentence_words: float = 3.0  # drop documents whose mean sentence is shorter (lists, menus)
+    max_sentence_words: float = 80.0  # drop documents whose mean sentence is longer (run-ons, code, tables)
+    min_unique_chars: int = 10  # drop documents using fewer distinct characters
+    max_symbol_ratio: float = 0.1  # drop documents with more symbols (not letters, digits, spaces, punctuation)
+    max_digit_ratio: float = 0.2  # drop documents with more digits than this share of characters
+    max_dup_line_ratio: float = 0.3  # drop documents where this share of lines repeats another line
+    max_top_ngram_ratio: float = 0.2  # drop documents where the most frequent word 3-gram covers this share of words
+    exact_dedup: bool = True  # drop documents whose normalised text was seen before
+    near_dup_threshold: float = 0.8  # drop documents whose estimated Jaccard similarity to a kept one is above this (0 = off)
+    shingle_words: int = 5  # word n-grams compared by the near-duplicate check
+    minhash_perm: int = 128  # MinHash permutations (more = finer Jaccard estimates, slower)
+    examples_per_rule: int = 3  # dropped examples shown in the report for each rule
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1337  # seeds weights, data order and dropout
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
@@ -149,6 +172,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -298,20 +322,21 @@ def to_toml(cfg: Config) -> str:
 
 
 def help_text() -> str:
-    """Every field with its default and comment, read from this file: the CLI's `--help-config`."""
-    source = Path(__file__).read_text(encoding="utf-8").splitlines()
-    out, section = [], None
-    for line in source:
-        stripped = line.strip()
-        if stripped.startswith("class ") and stripped.endswith("Config:") and stripped != "class Config:":
-            section = stripped[6:-8].lower()
-        elif section and ":" in stripped and "#" in stripped and not stripped.startswith(("def", "@", "#")):
-            name = stripped.split(":")[0]
-            out.append(f"  --{section}.{name:<22} {stripped.split('#', 1)[1].strip()}")
+    """Every field with its meaning (the comment beside it in this file): the CLI's `config-help`."""
+    out = []
+    for section, cls in _SECTION_TYPES.items():
+        comments = {}
+        for line in inspect.getsource(cls).splitlines():
+            match = re.match(r"\s+(\w+): [^=]+=.*#\s*(.+)$", line)
+            if match:
+                comments[match[1]] = match[2]
+        default = cls()
+        for f in dataclasses.fields(cls):
+            out.append(f"  --{section}.{f.name:<22} {comments.get(f.name, '')} [{getattr(default, f.name)!r}]")
     return "\n".join(out)
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "ModelConfig", "SFTConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
+    "CleanConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "SFTConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
     "config_from_dict", "load_config", "preset_names", "to_toml",
 ]

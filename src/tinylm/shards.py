@@ -100,21 +100,25 @@ class ShardWriter:
                 "docs": self.docs, "bytes": self.bytes}
 
 
-def _run_pool(batches: Iterator, tokenizer_dir: Path, workers: int) -> Iterator[dict]:
-    """Encode batches in order with at most 2 * workers batches in flight (bounded memory)."""
+def run_in_pool(batches: Iterator, fn, initializer, initargs: tuple, workers: int) -> Iterator:
+    """fn over batches in order, in `workers` processes, at most 2 * workers batches in flight.
+
+    Bounded in-flight work keeps memory flat however long the input (Pool.imap would read ahead
+    without limit). With one worker everything runs in this process.
+    """
     if workers <= 1:
-        _init_worker(str(tokenizer_dir))
-        yield from map(_encode_batch, batches)
+        initializer(*initargs)
+        yield from map(fn, batches)
         return
     # the tokenizer's own thread pool must not be live in forked children
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+        with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
             pending: deque = deque()
             for batch in batches:
-                pending.append(pool.apply_async(_encode_batch, (batch,)))
+                pending.append(pool.apply_async(fn, (batch,)))
                 if len(pending) >= 2 * workers:
                     yield pending.popleft().get()
             while pending:
@@ -136,7 +140,8 @@ def build_shards(docs: Iterable[Document], tokenizer_dir: str | Path, out_dir: s
     with atomic_dir(out_dir) as tmp:
         writers = {s: ShardWriter(tmp, s, cfg.shard_tokens, dtype) for s in SPLITS}
         bar = tqdm(desc="shards", unit="tok", unit_scale=True, disable=not progress or None)
-        for result in _run_pool(_batches(docs, cfg.val_fraction), tokenizer_dir, workers):
+        batches = _batches(docs, cfg.val_fraction)
+        for result in run_in_pool(batches, _encode_batch, _init_worker, (str(tokenizer_dir),), workers):
             for split, part in result.items():
                 writers[split].write(part["ids"])
                 writers[split].docs += part["docs"]

@@ -1,0 +1,216 @@
+"""Cleaning a corpus: normalise, filter, drop exact and near duplicates, report what each rule dropped.
+
+    documents -> normalise -> quality filters -> exact dedup -> near dedup (MinHash + LSH) -> clean.jsonl
+
+Per-document work (normalising, filtering, MinHash signatures) runs in a pool of worker processes
+with a bounded number of batches in flight; the two dedup indexes live in the main process and see
+documents in corpus order, so the first copy of a document is the one kept. Near-duplicates are
+found with `datasketch`'s MinHash LSH: each document is compared with the few that share a band of
+its signature, never with every other document (the second seed's all-pairs loop is O(n^2)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from datasketch import LeanMinHash, MinHashLSH
+from tqdm import tqdm
+
+from .config import CleanConfig
+from .corpus import Document
+from .io import atomic_dir, write_json, write_text
+from .shards import run_in_pool
+
+RULES = ("too_short", "too_long", "too_few_words", "short_sentences", "long_sentences", "few_unique_chars",
+         "symbols", "digits", "repeated_lines", "repeated_ngrams", "exact_duplicate", "near_duplicate")
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+WORD = re.compile(r"\w+", re.UNICODE)
+SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
+PUNCTUATION = set(".,;:!?'\"()[]{}-–—…/&%")
+MINHASH_SCHEME = "affine32"  # datasketch >= 2 asks for it when signatures travel between processes
+
+
+# --- normalisation ---------------------------------------------------------------------------------
+def normalise(text: str, cfg: CleanConfig) -> str:
+    """NFC (or NFKC), no control characters, unified newlines, trimmed lines, at most one blank line."""
+    text = unicodedata.normalize("NFKC" if cfg.nfkc else "NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = CONTROL.sub("", text)
+    lines = [re.sub(r"[ \t\u00a0]+", " ", line).strip() for line in text.split("\n")]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    if cfg.rejoin_wrapped:
+        text = "\n\n".join(" ".join(p.split("\n")) for p in text.split("\n\n"))
+    return text
+
+
+# --- quality filters -------------------------------------------------------------------------------
+def failed_rule(text: str, cfg: CleanConfig) -> str | None:
+    """The first quality rule the text breaks, or None."""
+    n = len(text)
+    if n < cfg.min_chars:
+        return "too_short"
+    if n > cfg.max_chars:
+        return "too_long"
+    words = WORD.findall(text)
+    if len(words) < cfg.min_words:
+        return "too_few_words"
+    sentences = max(1, len(SENTENCE_END.findall(text)))
+    mean_sentence = len(words) / sentences
+    if mean_sentence < cfg.min_sentence_words:
+        return "short_sentences"
+    if mean_sentence > cfg.max_sentence_words:
+        return "long_sentences"
+    if len(set(text)) < cfg.min_unique_chars:
+        return "few_unique_chars"
+    symbols = sum(1 for c in text if not (c.isalnum() or c.isspace() or c in PUNCTUATION))
+    if symbols / n > cfg.max_symbol_ratio:
+        return "symbols"
+    if sum(c.isdigit() for c in text) / n > cfg.max_digit_ratio:
+        return "digits"
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    if len(lines) > 1 and 1 - len(set(lines)) / len(lines) > cfg.max_dup_line_ratio:
+        return "repeated_lines"
+    lowered = [w.lower() for w in words]
+    trigrams = Counter(zip(lowered, lowered[1:], lowered[2:]))
+    if trigrams and len(words) >= 30:
+        gram, count = trigrams.most_common(1)[0]
+        if count > 1 and count * 3 / len(words) > cfg.max_top_ngram_ratio:
+            return "repeated_ngrams"
+    return None
+
+
+# --- duplicate keys --------------------------------------------------------------------------------
+def exact_key(text: str) -> bytes:
+    """Case, punctuation and spacing do not make two documents different."""
+    return hashlib.blake2b(" ".join(WORD.findall(text.lower())).encode(), digest_size=16).digest()
+
+
+def signature(text: str, cfg: CleanConfig) -> np.ndarray:
+    """MinHash signature of the document's word n-gram shingles."""
+    from datasketch import MinHash
+
+    words = WORD.findall(text.lower())
+    k = cfg.shingle_words
+    shingles = {" ".join(words[i:i + k]).encode() for i in range(max(1, len(words) - k + 1))}
+    m = MinHash(num_perm=cfg.minhash_perm, seed=1, scheme=MINHASH_SCHEME)
+    m.update_batch(list(shingles))
+    return m.hashvalues
+
+
+_cfg: CleanConfig | None = None
+
+
+def _init_worker(cfg: CleanConfig) -> None:
+    global _cfg
+    _cfg = cfg
+
+
+def _process(batch: list[tuple[str, str]]) -> list[tuple[str, str, str | None, bytes | None, np.ndarray | None]]:
+    """(text, source) -> (normalised text, source, failed rule, exact key, signature)."""
+    cfg = _cfg
+    out = []
+    for text, source in batch:
+        text = normalise(text, cfg)
+        rule = failed_rule(text, cfg)
+        if rule:
+            out.append((text, source, rule, None, None))
+            continue
+        sig = signature(text, cfg) if cfg.near_dup_threshold > 0 else None
+        out.append((text, source, None, exact_key(text) if cfg.exact_dedup else None, sig))
+    return out
+
+
+def _batches(docs: Iterable[Document], size: int = 256) -> Iterator[list[tuple[str, str]]]:
+    batch = []
+    for doc in docs:
+        batch.append((doc.text, doc.source))
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class Report:
+    """Counts, bytes and examples per rule, and the duplicate clusters."""
+
+    def __init__(self, cfg: CleanConfig):
+        self.cfg = cfg
+        self.docs_in = self.docs_out = self.bytes_in = self.bytes_out = 0
+        self.dropped = {rule: {"docs": 0, "bytes": 0, "examples": []} for rule in RULES}
+        self.clusters: dict[str, list[str]] = defaultdict(list)  # kept source -> sources dropped as its duplicates
+
+    def drop(self, rule: str, text: str, source: str, duplicate_of: str | None = None) -> None:
+        entry = self.dropped[rule]
+        entry["docs"] += 1
+        entry["bytes"] += len(text.encode("utf-8"))
+        if len(entry["examples"]) < self.cfg.examples_per_rule:
+            entry["examples"].append({"source": source, "text": text[:300], **({"duplicate_of": duplicate_of} if duplicate_of else {})})
+        if duplicate_of:
+            self.clusters[duplicate_of].append(source)
+
+    def as_dict(self) -> dict:
+        biggest = sorted(self.clusters.items(), key=lambda kv: -len(kv[1]))[:20]
+        return {"docs_in": self.docs_in, "docs_out": self.docs_out, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "dropped": self.dropped, "duplicate_clusters": len(self.clusters),
+                "largest_clusters": [{"kept": k, "dropped": v[:10], "size": len(v) + 1} for k, v in biggest]}
+
+    def markdown(self) -> str:
+        rows = [f"| {rule} | {d['docs']:,} | {d['bytes']:,} |" for rule, d in self.dropped.items() if d["docs"]]
+        lines = [f"# Cleaning report\n", f"{self.docs_in:,} documents in ({self.bytes_in:,} bytes), "
+                 f"{self.docs_out:,} kept ({self.bytes_out:,} bytes).\n",
+                 "| rule | documents dropped | bytes dropped |", "|---|---|---|", *rows, ""]
+        for rule, d in self.dropped.items():
+            for ex in d["examples"]:
+                lines.append(f"- **{rule}** `{ex['source']}`: {ex['text'][:120]!r}")
+        return "\n".join(lines) + "\n"
+
+
+def clean_corpus(docs: Iterable[Document], out_dir: str | Path, cfg: CleanConfig, workers: int = 0,
+                 progress: bool = True) -> dict:
+    """Write out_dir/clean.jsonl, report.json and report.md; returns the report."""
+    report = Report(cfg)
+    lsh = (MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=cfg.minhash_perm)
+           if cfg.near_dup_threshold > 0 else None)
+    seen: dict[bytes, str] = {}
+    kept_sources: list[str] = []  # LSH keys are indexes into this list
+    workers = workers or os.cpu_count() or 1
+    with atomic_dir(out_dir) as tmp, open(tmp / "clean.jsonl", "w", encoding="utf-8") as out:
+        bar = tqdm(desc="clean", unit="doc", disable=not progress or None)
+        for results in run_in_pool(_batches(docs), _process, _init_worker, (cfg,), workers):
+            for text, source, rule, key, sig in results:
+                report.docs_in += 1
+                report.bytes_in += len(text.encode("utf-8"))
+                bar.update(1)
+                if rule:
+                    report.drop(rule, text, source)
+                    continue
+                if key is not None and key in seen:
+                    report.drop("exact_duplicate", text, source, seen[key])
+                    continue
+                if lsh is not None:
+                    minhash = LeanMinHash(seed=1, hashvalues=sig, scheme=MINHASH_SCHEME)
+                    similar = lsh.query(minhash)
+                    if similar:
+                        report.drop("near_duplicate", text, source, kept_sources[min(similar)])
+                        continue
+                    lsh.insert(len(kept_sources), minhash)
+                    kept_sources.append(source)
+                if key is not None:
+                    seen[key] = source
+                out.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
+                report.docs_out += 1
+                report.bytes_out += len(text.encode("utf-8"))
+        bar.close()
+        out.flush()
+        result = report.as_dict()
+        write_json(tmp / "report.json", result)
+        write_text(tmp / "report.md", report.markdown())
+    return result

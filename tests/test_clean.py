@@ -1,0 +1,104 @@
+"""Cleaning: each filter, exact and near-duplicate removal with planted duplicates, the report."""
+
+import json
+import random
+
+import pytest
+
+from tinylm.clean import clean_corpus, failed_rule, normalise
+from tinylm.cli import main
+from tinylm.config import CleanConfig
+from tinylm.corpus import Document
+
+from conftest import STORIES
+
+
+def stories(n: int, min_words: int = 60) -> list[str]:
+    texts = [s.strip() for s in STORIES.read_text(encoding="utf-8").split("<|endoftext|>")]
+    return [t for t in texts if len(t.split()) >= min_words][:n]
+
+
+def with_a_few_words_changed(text: str, rng: random.Random) -> str:
+    """One word in a hundred replaced (at least one): 5-gram Jaccard stays around 0.9."""
+    words = text.split()
+    for i in rng.sample(range(len(words)), max(1, len(words) // 100)):
+        words[i] = "zebra"
+    return " ".join(words)
+
+
+def run(tmp_path, docs, **overrides):
+    report = clean_corpus([Document(t, f"doc{i}") for i, t in enumerate(docs)], tmp_path / "out",
+                          CleanConfig(**overrides), workers=2, progress=False)
+    kept = [json.loads(line) for line in (tmp_path / "out" / "clean.jsonl").read_text().splitlines()]
+    return report, kept
+
+
+def test_planted_near_duplicates_are_removed_and_distinct_documents_kept(tmp_path):
+    rng = random.Random(0)
+    originals = stories(200, min_words=150)
+    planted = [with_a_few_words_changed(t, rng) for t in originals[:40]]
+    assert len(originals) == 200
+    report, kept = run(tmp_path, originals + planted)
+    kept_sources = {d["source"] for d in kept}
+    assert kept_sources == {f"doc{i}" for i in range(len(originals))}  # every original, no planted copy
+    assert report["dropped"]["near_duplicate"]["docs"] == 40
+    example = report["dropped"]["near_duplicate"]["examples"][0]
+    assert example["duplicate_of"] == f"doc{int(example['source'][3:]) - len(originals)}"
+    assert report["duplicate_clusters"] == 40
+
+
+def test_exact_duplicates_ignore_case_and_spacing(tmp_path):
+    text = stories(1)[0]
+    report, kept = run(tmp_path, [text, text.upper(), "  " + text.replace(" ", "   ")])
+    assert len(kept) == 1 and report["dropped"]["exact_duplicate"]["docs"] == 2
+
+
+def test_near_dedup_can_be_switched_off(tmp_path):
+    rng = random.Random(1)
+    text = stories(1)[0]
+    _, kept = run(tmp_path, [text, with_a_few_words_changed(text, rng)], near_dup_threshold=0.0)
+    assert len(kept) == 2
+
+
+GOOD = ("The little dog ran to the park with his friend. They played with a red ball all day. "
+        "When the sun went down, they walked home and ate a big dinner together. ") * 2
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("Too short.", "too_short"),
+    (GOOD * 300, "too_long"),
+    ("a" * 150, "too_few_words"),
+    ("Buy now. Click here. Sign up. " * 10, "short_sentences"),
+    ("word " * 120, "long_sentences"),
+    (GOOD + " ### @@@ ~~~ ^^^ *** ### @@@ ~~~ ^^^ *** " * 4, "symbols"),
+    (GOOD + " 1234567890 9876543210 " * 8, "digits"),
+    ("\n".join(["Subscribe to our newsletter for more news."] * 6 + [GOOD]), "repeated_lines"),
+    ("We went to the shop. " + "and then the dog and then the dog. " * 12, "repeated_ngrams"),
+])
+def test_each_filter_catches_its_case(text, rule):
+    cfg = CleanConfig()
+    assert failed_rule(normalise(text, cfg), cfg) == rule
+    assert failed_rule(normalise(GOOD, cfg), cfg) is None
+
+
+def test_normalisation():
+    cfg = CleanConfig(nfkc=True, rejoin_wrapped=True)
+    assert normalise("ﬁne\u00a0 day\r\nnext\x07 line\n\n\n\nnew para", cfg) == "fine day next line\n\nnew para"
+    assert normalise("e\u0301", CleanConfig()) == "é"  # NFC by default
+
+
+def test_report_counts_bytes_and_examples_per_rule(tmp_path):
+    docs = stories(20) + ["short", "short"]
+    report, kept = run(tmp_path, docs)
+    assert report["docs_in"] == 22 and report["docs_out"] == len(kept)
+    assert report["dropped"]["too_short"]["docs"] == 2 and report["dropped"]["too_short"]["bytes"] == 10
+    assert report["bytes_in"] == report["bytes_out"] + sum(d["bytes"] for d in report["dropped"].values())
+    assert "too_short" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_clean_verb(tmp_path, capsys):
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in stories(10) + stories(3)))
+    assert main(["clean", "--config", "tiny", f"--data.corpus={corpus}", "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "exact_duplicate | 3" in out and (tmp_path / "c" / "config.toml").is_file()
