@@ -19,6 +19,7 @@ from .config import Config, ConfigError, help_text, load_config, preset_names, t
 
 VERBS = {
     "run": "tokenizer -> shards -> pretrain -> SFT -> samples and a demo chat (default: the built-in corpus)",
+    "collect": "gather text from files, Hugging Face datasets, Wikipedia topics and web pages into DIR",
     "clean": "normalise, filter and deduplicate data.corpus into DIR/clean.jsonl with a report",
     "tokenizer": "train a tokenizer on data.corpus",
     "shards": "tokenize data.corpus into train/val token shards",
@@ -100,6 +101,19 @@ def cmd_run(args, overrides) -> int:
     saved = out / "config.toml"
     cfg = load_config(args.config or (str(saved) if saved.is_file() else "cpu-demo"), overrides)
     run(cfg, out)
+    return 0
+
+
+def cmd_collect(args, overrides) -> int:
+    from .collect import collect
+    from .io import write_text
+
+    cfg = _config(args, overrides)
+    out = Path(args.out or "data/raw")
+    manifest = collect(cfg.collect, out)
+    write_text(out / "config.toml", to_toml(cfg))
+    total = sum(s["documents"] for s in manifest["sources"].values())
+    print(f"{total:,} documents in {out} (use them with --data.corpus={out})")
     return 0
 
 
@@ -242,7 +256,7 @@ def cmd_config_help(args, overrides) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "clean": cmd_clean, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "sft": cmd_sft,
+COMMANDS = {"run": cmd_run, "collect": cmd_collect, "clean": cmd_clean, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "sft": cmd_sft,
             "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "web": cmd_web, "info": cmd_info, "presets": cmd_presets,
             "config-help": cmd_config_help}
 

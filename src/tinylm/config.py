@@ -91,6 +91,23 @@ class DataConfig:
 
 
 @dataclass
+class CollectConfig:
+    files: list[str] = field(default_factory=list)  # local files or folders (txt, md, jsonl, json; optionally .gz)
+    hf_datasets: list[str] = field(default_factory=list)  # Hugging Face datasets, streamed: "owner/name[/config]?split=train&text_field=text"
+    hf_max_rows: int = 10_000  # rows taken from each dataset
+    wikipedia_topics: list[str] = field(default_factory=list)  # search terms; each gives up to wikipedia_articles articles
+    wikipedia_articles: int = 20  # articles per topic
+    wikipedia_lang: str = "en"  # Wikipedia language edition
+    wikipedia_api: str = ""  # MediaWiki API address (default https://{lang}.wikipedia.org/w/api.php)
+    urls: list[str] = field(default_factory=list)  # web pages to fetch and extract
+    builtin: bool = False  # include the built-in corpus
+    timeout: float = 10.0  # seconds per HTTP request
+    retries: int = 3  # extra attempts after a timeout, connection error or 5xx
+    backoff: float = 1.0  # first retry delay in seconds, doubled each time
+    per_host_delay: float = 1.0  # minimum seconds between two requests to one host
+
+
+@dataclass
 class CleanConfig:
     nfkc: bool = False  # apply Unicode NFKC normalisation (folds ligatures, full-width forms)
     rejoin_wrapped: bool = False  # join hard-wrapped lines inside paragraphs into one line
@@ -172,6 +189,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -337,6 +355,6 @@ def help_text() -> str:
 
 
 __all__ = [
-    "CleanConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "SFTConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
+    "CleanConfig", "CollectConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "SFTConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
     "config_from_dict", "load_config", "preset_names", "to_toml",
 ]

@@ -1,0 +1,225 @@
+"""Collecting text: local files, Hugging Face datasets, Wikipedia by topic, web pages by URL.
+
+Every source becomes one `raw/<kind>-<name>.jsonl.gz` file of records
+    {"text", "source", "url" or "path", "title", "license", "retrieved_at"}
+written under a temporary name and renamed when the source is complete, and listed in
+`raw/manifest.json`. Rerunning skips the sources whose file is already there.
+
+The web is fetched politely: a real User-Agent, timeouts, retries with exponential backoff on
+timeouts and 5xx answers, robots.txt respected, and at most one request per `per_host_delay`
+seconds to any host. Main text is extracted with trafilatura, a maintained extractor that drops
+navigation, footers and boilerplate (BeautifulSoup's get_text, the second seed's choice, keeps them).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import time
+import urllib.robotparser
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from urllib.parse import parse_qsl, quote, urlsplit
+
+from .config import CollectConfig, DataConfig
+from .corpus import builtin_documents, read_documents
+from .io import read_json, write_json
+
+USER_AGENT = "tinylm/0.1 (small language model trainer; +https://pypi.org/project/tinylm/)"
+WIKIPEDIA_LICENSE = "CC BY-SA 4.0"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "source"
+
+
+# --- HTTP: polite fetching -----------------------------------------------------------------------
+class Fetcher:
+    def __init__(self, cfg: CollectConfig):
+        import httpx
+
+        self.cfg = cfg
+        self.client = httpx.Client(timeout=cfg.timeout, follow_redirects=True, headers={"User-Agent": USER_AGENT})
+        self._last: dict[str, float] = {}
+        self._robots: dict[str, urllib.robotparser.RobotFileParser | None] = {}
+        self.log: list[dict] = []
+
+    def _wait_turn(self, host: str) -> None:
+        wait = self._last.get(host, 0.0) + self.cfg.per_host_delay - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self._last[host] = time.monotonic()
+
+    def get(self, url: str, params: dict | None = None):
+        """GET with retries and backoff; returns the response or None (logged) after the last failure."""
+        import httpx
+
+        host = urlsplit(url).netloc
+        delay = self.cfg.backoff
+        for attempt in range(self.cfg.retries + 1):
+            self._wait_turn(host)
+            try:
+                response = self.client.get(url, params=params)
+                if response.status_code < 500:
+                    return response
+                problem = f"HTTP {response.status_code}"
+            except httpx.HTTPError as e:
+                problem = type(e).__name__
+            self.log.append({"url": url, "attempt": attempt + 1, "problem": problem})
+            if attempt < self.cfg.retries:
+                time.sleep(delay)
+                delay *= 2
+        return None
+
+    def allowed(self, url: str) -> bool:
+        parts = urlsplit(url)
+        root = f"{parts.scheme}://{parts.netloc}"
+        if root not in self._robots:
+            response = self.get(f"{root}/robots.txt")
+            parser = None
+            if response is not None and response.status_code == 200:
+                parser = urllib.robotparser.RobotFileParser()
+                parser.parse(response.text.splitlines())
+            self._robots[root] = parser
+        parser = self._robots[root]
+        return parser is None or parser.can_fetch(USER_AGENT, url)
+
+
+# --- sources ---------------------------------------------------------------------------------------
+def from_files(paths: list[str]) -> Iterator[dict]:
+    cfg = DataConfig(corpus=paths)
+    for doc in read_documents(cfg):
+        yield {"text": doc.text, "source": "file", "path": doc.source, "title": None, "license": None, "retrieved_at": _now()}
+
+
+def from_builtin() -> Iterator[dict]:
+    for doc in builtin_documents():
+        licence = "MIT" if doc.source.startswith("chitchat") else "BSD-3-Clause"
+        yield {"text": doc.text, "source": "builtin", "path": doc.source, "title": None, "license": licence,
+               "retrieved_at": _now()}
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, dict]:
+    name, _, query = spec.partition("?")
+    options = dict(parse_qsl(query))
+    config = None
+    if name.count("/") == 2:  # owner/dataset/config
+        name, config = name.rsplit("/", 1)
+    return name, config, options
+
+
+def from_hf_dataset(spec: str, max_rows: int) -> Iterator[dict]:
+    """Stream rows of a Hugging Face dataset: a hub name, or a local builder such as json with data_files."""
+    from datasets import load_dataset
+
+    name, config, options = parse_hf_spec(spec)
+    split, text_field = options.pop("split", "train"), options.pop("text_field", "text")
+    rows = load_dataset(name, config, split=split, streaming=True, **options)
+    for n, row in enumerate(rows):
+        if n >= max_rows:
+            return
+        text = row.get(text_field)
+        if not isinstance(text, str):
+            raise ValueError(f"{spec}: row {n} has no string field {text_field!r} (fields: {', '.join(row)})")
+        yield {"text": text, "source": f"hf:{name}", "url": f"https://huggingface.co/datasets/{name}", "path": f"{split}#{n}",
+               "title": None, "license": options.get("license"), "retrieved_at": _now()}
+
+
+def from_wikipedia(topic: str, cfg: CollectConfig, fetcher: Fetcher) -> Iterator[dict]:
+    """Search the topic, then fetch each article's plain-text extract through the MediaWiki API."""
+    api = cfg.wikipedia_api or f"https://{cfg.wikipedia_lang}.wikipedia.org/w/api.php"
+    base = api.rsplit("/w/api.php", 1)[0]
+    found = fetcher.get(api, {"action": "query", "list": "search", "srsearch": topic, "srlimit": cfg.wikipedia_articles,
+                              "format": "json"})
+    if found is None or found.status_code != 200:
+        raise ConnectionError(f"wikipedia: search for {topic!r} failed at {api}")
+    for hit in found.json().get("query", {}).get("search", []):
+        title = hit["title"]
+        page = fetcher.get(api, {"action": "query", "prop": "extracts", "explaintext": 1, "titles": title,
+                                 "format": "json", "redirects": 1})
+        if page is None or page.status_code != 200:
+            continue
+        for info in page.json().get("query", {}).get("pages", {}).values():
+            text = info.get("extract") or ""
+            if text.strip():
+                yield {"text": text, "source": f"wikipedia:{cfg.wikipedia_lang}",
+                       "url": f"{base}/wiki/{quote(info.get('title', title).replace(' ', '_'))}",
+                       "title": info.get("title", title), "license": WIKIPEDIA_LICENSE, "retrieved_at": _now()}
+
+
+def from_urls(urls: list[str], fetcher: Fetcher, skipped: list[dict]) -> Iterator[dict]:
+    import trafilatura
+
+    for url in urls:
+        if not fetcher.allowed(url):
+            skipped.append({"url": url, "reason": "robots.txt"})
+            continue
+        response = fetcher.get(url)
+        if response is None or response.status_code != 200:
+            skipped.append({"url": url, "reason": "failed" if response is None else f"HTTP {response.status_code}"})
+            continue
+        text = trafilatura.extract(response.text, url=url, include_comments=False, include_tables=False)
+        if not text:
+            skipped.append({"url": url, "reason": "no main text"})
+            continue
+        meta = trafilatura.extract_metadata(response.text)
+        yield {"text": text, "source": "web", "url": url, "title": getattr(meta, "title", None),
+               "license": getattr(meta, "license", None), "retrieved_at": _now()}
+
+
+# --- writing ---------------------------------------------------------------------------------------
+def _write_source(out_dir: Path, name: str, records: Iterable[dict]) -> dict:
+    """One source into <name>.jsonl.gz, atomically; returns its manifest entry."""
+    final = out_dir / f"{name}.jsonl.gz"
+    tmp = out_dir / f".{name}.jsonl.gz.tmp"
+    count = chars = 0
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+            chars += len(record["text"])
+    os.replace(tmp, final)
+    return {"file": final.name, "documents": count, "chars": chars, "finished_at": _now()}
+
+
+def collect(cfg: CollectConfig, out_dir: str | Path) -> dict:
+    """Collect every configured source into out_dir; sources already there are skipped."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "manifest.json"
+    manifest = read_json(manifest_path) if manifest_path.is_file() else {"sources": {}}
+    fetcher = Fetcher(cfg) if (cfg.wikipedia_topics or cfg.urls) else None
+    skipped: list[dict] = []
+    plan: list[tuple[str, Callable[[], Iterator[dict]]]] = []
+    if cfg.builtin:
+        plan.append(("builtin", from_builtin))
+    if cfg.files:
+        plan.append(("files", lambda: from_files(cfg.files)))
+    for spec in cfg.hf_datasets:
+        plan.append((f"hf-{_slug(spec)}", lambda spec=spec: from_hf_dataset(spec, cfg.hf_max_rows)))
+    for topic in cfg.wikipedia_topics:
+        plan.append((f"wikipedia-{cfg.wikipedia_lang}-{_slug(topic)}", lambda topic=topic: from_wikipedia(topic, cfg, fetcher)))
+    if cfg.urls:
+        url_list_id = hashlib.sha1("\n".join(cfg.urls).encode()).hexdigest()[:12]  # stable across runs
+        plan.append((f"web-{url_list_id}", lambda: from_urls(cfg.urls, fetcher, skipped)))
+    for name, source in plan:
+        if name in manifest["sources"] and (out_dir / manifest["sources"][name]["file"]).is_file():
+            print(f"collect: {name} already collected, skipped")
+            continue
+        entry = _write_source(out_dir, name, source())
+        manifest["sources"][name] = entry
+        print(f"collect: {name}: {entry['documents']:,} documents, {entry['chars']:,} characters")
+        write_json(manifest_path, {**manifest, "config": asdict(cfg)})
+    if fetcher is not None:
+        manifest["http_problems"] = fetcher.log
+        manifest["skipped_urls"] = skipped
+    write_json(manifest_path, {**manifest, "config": asdict(cfg)})
+    return manifest

@@ -1,0 +1,131 @@
+"""Collectors without the internet: a local HTTP server plays Wikipedia and the web; a local JSON
+dataset goes through the same `datasets.load_dataset(..., streaming=True)` path as a hub name."""
+
+import gzip
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+pytest.importorskip("trafilatura")
+pytest.importorskip("datasets")
+
+from tinylm.cli import main  # noqa: E402
+from tinylm.collect import USER_AGENT, collect  # noqa: E402
+from tinylm.config import CollectConfig  # noqa: E402
+
+ARTICLE = "The red fox lives in forests and fields. It hunts small animals at night. " * 6
+PAGE = f"""<html><head><title>Foxes</title></head><body>
+<nav>Home | About | Contact | Login</nav>
+<article><h1>Foxes</h1><p>{ARTICLE}</p><p>Foxes are clever and quick, and they can adapt to cities.</p></article>
+<footer>Copyright 2026. All rights reserved. Cookie settings.</footer></body></html>"""
+
+
+class Site(BaseHTTPRequestHandler):
+    hits: dict = {}
+    agents: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status, body, kind="text/html"):
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        url = urlsplit(self.path)
+        Site.hits[url.path] = Site.hits.get(url.path, 0) + 1
+        Site.agents.append(self.headers.get("User-Agent"))
+        q = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if url.path == "/w/api.php" and q.get("list") == "search":
+            hits = [{"title": f"{q['srsearch'].title()} {i}"} for i in range(int(q["srlimit"]))]
+            return self._send(200, json.dumps({"query": {"search": hits}}), "application/json")
+        if url.path == "/w/api.php" and q.get("prop") == "extracts":
+            page = {"pageid": 1, "title": q["titles"], "extract": f"{q['titles']} is a topic. " + ARTICLE}
+            return self._send(200, json.dumps({"query": {"pages": {"1": page}}}), "application/json")
+        if url.path == "/robots.txt":
+            return self._send(200, "User-agent: *\nDisallow: /private/\n", "text/plain")
+        if url.path == "/slow.html":
+            time.sleep(1.5)
+            return self._send(200, PAGE)
+        if url.path == "/flaky.html" and Site.hits[url.path] == 1:
+            return self._send(500, "oops")
+        if url.path in ("/fox.html", "/flaky.html", "/private/secret.html"):
+            return self._send(200, PAGE)
+        return self._send(404, "not here")
+
+
+@pytest.fixture(scope="module")
+def site():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Site)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def records(folder, name):
+    with gzip.open(folder / f"{name}.jsonl.gz", "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+FAST = dict(timeout=0.5, retries=2, backoff=0.05, per_host_delay=0.0)
+
+
+def test_wikipedia_by_topic(site, tmp_path):
+    cfg = CollectConfig(wikipedia_topics=["red fox"], wikipedia_articles=3, wikipedia_api=f"{site}/w/api.php", **FAST)
+    manifest = collect(cfg, tmp_path)
+    (name,) = manifest["sources"]
+    docs = records(tmp_path, name.removesuffix(".jsonl.gz"))
+    assert [d["title"] for d in docs] == ["Red Fox 0", "Red Fox 1", "Red Fox 2"]
+    assert docs[0]["url"] == f"{site}/wiki/Red_Fox_0" and docs[0]["license"] == "CC BY-SA 4.0"
+    assert docs[0]["text"].startswith("Red Fox 0 is a topic.") and docs[0]["retrieved_at"]
+
+
+def test_web_pages_robots_timeouts_and_retries(site, tmp_path):
+    Site.hits.clear()
+    urls = [f"{site}/fox.html", f"{site}/private/secret.html", f"{site}/slow.html", f"{site}/flaky.html", f"{site}/missing.html"]
+    manifest = collect(CollectConfig(urls=urls, **FAST), tmp_path)
+    (name,) = manifest["sources"]
+    docs = records(tmp_path, name)
+    assert [d["url"] for d in docs] == [f"{site}/fox.html", f"{site}/flaky.html"]
+    assert "red fox lives in forests" in docs[0]["text"] and "Cookie settings" not in docs[0]["text"]
+    assert "Home | About" not in docs[0]["text"] and docs[0]["title"] == "Foxes"
+    reasons = {s["url"].rsplit("/", 1)[1]: s["reason"] for s in manifest["skipped_urls"]}
+    assert reasons == {"secret.html": "robots.txt", "slow.html": "failed", "missing.html": "HTTP 404"}
+    assert "/private/secret.html" not in Site.hits  # never fetched
+    assert Site.hits["/slow.html"] == 3 and Site.hits["/flaky.html"] == 2  # retried; the 500 then succeeded
+    assert set(Site.agents) == {USER_AGENT}
+
+
+def test_per_host_rate_limit(site, tmp_path):
+    start = time.monotonic()
+    collect(CollectConfig(urls=[f"{site}/fox.html", f"{site}/flaky.html?x=1"], **{**FAST, "per_host_delay": 0.4}), tmp_path)
+    assert time.monotonic() - start >= 0.8  # robots.txt + two pages, 0.4 s apart
+
+
+def test_huggingface_dataset_from_local_json(tmp_path):
+    data = tmp_path / "stories.jsonl"
+    data.write_text("".join(json.dumps({"story": f"Story number {i}."}) + "\n" for i in range(30)))
+    cfg = CollectConfig(hf_datasets=[f"json?data_files={data}&text_field=story"], hf_max_rows=10)
+    manifest = collect(cfg, tmp_path / "raw")
+    (entry,) = manifest["sources"].values()
+    docs = records(tmp_path / "raw", entry["file"].removesuffix(".jsonl.gz"))
+    assert [d["text"] for d in docs] == [f"Story number {i}." for i in range(10)] and docs[0]["source"] == "hf:json"
+
+
+def test_rerun_skips_collected_sources_and_files_keep_their_path(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("hello there\n")
+    args = ["collect", "--out", str(tmp_path / "raw"), f"--collect.files={tmp_path / 'a.txt'}"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert "files already collected, skipped" in capsys.readouterr().out
+    (doc,) = records(tmp_path / "raw", "files")
+    assert doc["path"].endswith("a.txt:1") and doc["text"] == "hello there"
