@@ -129,3 +129,17 @@ def test_rerun_skips_collected_sources_and_files_keep_their_path(tmp_path, capsy
     assert "files already collected, skipped" in capsys.readouterr().out
     (doc,) = records(tmp_path / "raw", "files")
     assert doc["path"].endswith("a.txt:1") and doc["text"] == "hello there"
+
+
+def test_collected_folder_feeds_clean(tmp_path, capsys):
+    from conftest import STORIES
+
+    story = next(t.strip() for t in STORIES.read_text(encoding="utf-8").split("<|endoftext|>") if len(t.split()) > 200)
+    words = story.split()
+    copies = [" ".join(words[:i] + ["zebra"] + words[i + 1:]) for i in (20, 60, 100, 140)]
+    (tmp_path / "s.txt").write_text("\n<|endoftext|>\n".join([story, *copies]))
+    assert main(["collect", "--out", str(tmp_path / "raw"), f"--collect.files={tmp_path / 's.txt'}"]) == 0
+    assert main(["clean", "--out", str(tmp_path / "clean"), f"--data.corpus={tmp_path / 'raw'}"]) == 0
+    kept = (tmp_path / "clean" / "clean.jsonl").read_text().splitlines()
+    report = json.loads((tmp_path / "clean" / "report.json").read_text())
+    assert report["docs_in"] == 5 and len(kept) == 1 and report["dropped"]["near_duplicate"]["docs"] == 4

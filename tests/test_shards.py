@@ -183,3 +183,16 @@ def test_too_little_data_is_explained():
 def test_shard_meta_records_the_tokenizer(prepared, tokenizer):
     meta = read_json(prepared["shards"] / "meta.json")
     assert meta["tokenizer_fingerprint"] == tokenizer.fingerprint and meta["inputs_hash"]
+
+
+def test_parquet_is_read_in_batches(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [f"row {i}" for i in range(2500)]
+    pq.write_table(pa.table({"id": list(range(2500)), "content": texts}), tmp_path / "d.parquet", row_group_size=500)
+    docs = list(read_documents(DataConfig(corpus=[str(tmp_path / "d.parquet")])))
+    assert [d.text for d in docs] == texts and docs[7].source.endswith("d.parquet#7")
+    pq.write_table(pa.table({"body": texts}), tmp_path / "e.parquet")
+    with pytest.raises(CorpusError, match=r"e.parquet: no column 'text' or 'content' \(columns: body\)"):
+        list(read_documents(DataConfig(corpus=[str(tmp_path / "e.parquet")])))

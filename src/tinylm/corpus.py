@@ -20,8 +20,10 @@ from .config import DataConfig
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 JSON_SUFFIXES = (".json",)
-KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES
+PARQUET_SUFFIXES = (".parquet",)
+KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
 BUILTIN = "builtin"
+SIDECARS = ("manifest.json", "meta.json", "report.json")  # stage metadata, not text, when a folder is expanded
 BUILTIN_PACKAGES = ("chitchat-dataset", "chatterbot-corpus")
 
 
@@ -125,8 +127,27 @@ def read_json_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
             raise CorpusError(f"{path}: invalid JSON list ({e})") from None
 
 
+def read_parquet_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
+    """Parquet, streamed in row batches; the first of `text_fields` that is a column holds the text."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CorpusError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    table = pq.ParquetFile(path)
+    columns = table.schema_arrow.names
+    field = next((f for f in cfg.text_fields if f in columns), None)
+    if field is None:
+        raise CorpusError(f"{path}: no column {' or '.join(map(repr, cfg.text_fields))} (columns: {', '.join(columns)})")
+    row = 0
+    for batch in table.iter_batches(batch_size=1024, columns=[field]):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, str) and value.strip():
+                yield Document(value, f"{path}#{row}")
+            row += 1
+
+
 READERS = {**{s: read_text_file for s in TEXT_SUFFIXES}, **{s: read_jsonl_file for s in JSONL_SUFFIXES},
-           **{s: read_json_file for s in JSON_SUFFIXES}}
+           **{s: read_json_file for s in JSON_SUFFIXES}, **{s: read_parquet_file for s in PARQUET_SUFFIXES}}
 
 
 def corpus_files(paths: Iterable[str]) -> list[Path]:
@@ -137,7 +158,8 @@ def corpus_files(paths: Iterable[str]) -> list[Path]:
             continue
         path = Path(p)
         if path.is_dir():
-            files += sorted(f for f in path.rglob("*") if f.is_file() and _suffix(f) in KNOWN_SUFFIXES)
+            files += sorted(f for f in path.rglob("*") if f.is_file() and _suffix(f) in KNOWN_SUFFIXES
+                            and f.name not in SIDECARS and not f.name.startswith("."))
         elif path.is_file():
             if _suffix(path) not in KNOWN_SUFFIXES:
                 raise CorpusError(f"{path}: unsupported file type (known: {', '.join(KNOWN_SUFFIXES)}, optionally .gz)")
