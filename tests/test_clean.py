@@ -102,3 +102,27 @@ def test_clean_verb(tmp_path, capsys):
     assert main(["clean", "--config", "tiny", f"--data.corpus={corpus}", "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "exact_duplicate | 3" in out and (tmp_path / "c" / "config.toml").is_file()
+
+
+def test_contamination_finds_benchmark_text_in_training_data():
+    from tinylm.clean import contamination_report
+
+    train = stories(50)
+    leaked = train[7].split(". ")[1] + ". " + train[7].split(". ")[2]  # two sentences lifted from training text
+    clean_probe = "A purple elephant flew over the mountains while singing songs about the quiet sea and the stars."
+    report = contamination_report(iter(train), {"bench": [leaked, clean_probe, "too short"]}, n=8)
+    assert report["bench"]["contaminated"] == 1 and report["bench"]["examples"] == [leaked[:200]]
+    assert report["bench"]["too_short_to_check"] == 1
+
+
+def test_clean_verb_checks_a_benchmark_file(tmp_path, capsys):
+    docs = stories(30)
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"ctx": docs[3][:400]}) + "\n" + json.dumps({"ctx": "Nothing like the stories at all, " * 5}) + "\n")
+    assert main(["clean", f"--data.corpus={corpus}", "--out", str(tmp_path / "c"), f"--clean.contamination={bench}",
+                 "--data.val_fraction=0.0"]) == 0
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["contamination"]["bench.jsonl"]["contaminated"] == 1
+    assert "1 of 2 bench.jsonl documents" in capsys.readouterr().out

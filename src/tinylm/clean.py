@@ -214,3 +214,51 @@ def clean_corpus(docs: Iterable[Document], out_dir: str | Path, cfg: CleanConfig
         write_json(tmp / "report.json", result)
         write_text(tmp / "report.md", report.markdown())
     return result
+
+
+# --- contamination: validation or benchmark text inside the training set -------------------------
+PROBE_FIELDS = ["text", "content", "ctx", "sentence_good", "question", "prompt"]
+
+
+def _ngrams(text: str, n: int) -> set[int]:
+    words = WORD.findall(text.lower())
+    return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
+
+
+def contamination_report(train_texts: Iterable[str], probes: dict[str, list[str]], n: int = 13) -> dict:
+    """For each probe set, the documents sharing at least one word n-gram with the training text.
+
+    The probe n-grams are indexed (they are few); the training text is streamed past them once.
+    Probe documents shorter than n words cannot be checked and are counted as such.
+    """
+    index: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    for name, texts in probes.items():
+        for i, text in enumerate(texts):
+            for gram in _ngrams(text, n):
+                index[gram].append((name, i))
+    hits: dict[str, set[int]] = {name: set() for name in probes}
+    for text in train_texts:
+        for gram in _ngrams(text, n) & index.keys():
+            for name, i in index[gram]:
+                hits[name].add(i)
+    return {name: {"docs": len(texts), "too_short_to_check": sum(len(WORD.findall(t)) < n for t in texts),
+                   "contaminated": len(hits[name]), "share": round(len(hits[name]) / max(1, len(texts)), 4),
+                   "examples": [texts[i][:200] for i in sorted(hits[name])[:3]]}
+            for name, texts in probes.items()}
+
+
+def check_contamination(clean_file: Path, cfg: CleanConfig, val_fraction: float) -> dict:
+    """Held-out documents of the cleaned corpus and the configured benchmark files vs its training documents."""
+    from .config import DataConfig
+    from .corpus import is_validation, read_documents
+
+    def cleaned():
+        with open(clean_file, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)["text"]
+
+    probes = {"validation": [t for t in cleaned() if is_validation(t, val_fraction)]}
+    for path in cfg.contamination:
+        probes[Path(path).name] = [d.text for d in read_documents(DataConfig(corpus=[path], text_fields=PROBE_FIELDS))]
+    train = (t for t in cleaned() if not is_validation(t, val_fraction))
+    return contamination_report(train, probes, cfg.contamination_ngram)

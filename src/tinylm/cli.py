@@ -125,6 +125,15 @@ def cmd_clean(args, overrides) -> int:
     cfg = _config(args, overrides)
     out = Path(args.out or "data/clean")
     report = clean_corpus(read_documents(cfg.data), out, cfg.clean, cfg.data.workers)
+    if cfg.clean.contamination:
+        from .clean import check_contamination
+        from .io import write_json
+
+        report["contamination"] = check_contamination(out / "clean.jsonl", cfg.clean, cfg.data.val_fraction)
+        write_json(out / "report.json", report)
+        for name, r in report["contamination"].items():
+            print(f"contamination: {r['contaminated']:,} of {r['docs']:,} {name} documents share a "
+                  f"{cfg.clean.contamination_ngram}-word sequence with the training documents")
     write_text(out / "config.toml", to_toml(cfg))
     print((out / "report.md").read_text(encoding="utf-8"))
     print(f"kept {report['docs_out']:,} of {report['docs_in']:,} documents -> {out / 'clean.jsonl'} "

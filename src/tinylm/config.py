@@ -126,6 +126,8 @@ class CleanConfig:
     shingle_words: int = 5  # word n-grams compared by the near-duplicate check
     minhash_perm: int = 128  # MinHash permutations (more = finer Jaccard estimates, slower)
     examples_per_rule: int = 3  # dropped examples shown in the report for each rule
+    contamination: list[str] = field(default_factory=list)  # benchmark files (JSONL) checked for overlap with the training text
+    contamination_ngram: int = 13  # words in the n-grams compared by the contamination check
 
 
 @dataclass
