@@ -16,7 +16,6 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 
 from .checkpoint import load_checkpoint
 from .config import SampleConfig
@@ -144,10 +143,3 @@ class LanguageModel:
 def load(path: str | Path, device: str = "auto") -> LanguageModel:
     """Load a checkpoint (or the newest one of a run or stage directory) for generation."""
     return LanguageModel.load(path, device)
-
-
-@torch.inference_mode()
-def next_token_logits(lm: LanguageModel, text: str) -> torch.Tensor:
-    """Logits for the token after `text` (for quick inspection)."""
-    ids = torch.tensor([[lm.tokenizer.bos_id, *lm.tokenizer.encode(text)]])
-    return lm.model(ids.to(lm.model.tok_embeddings.weight.device))[0][0, -1]

@@ -164,7 +164,7 @@ class Report:
 
     def markdown(self) -> str:
         rows = [f"| {rule} | {d['docs']:,} | {d['bytes']:,} |" for rule, d in self.dropped.items() if d["docs"]]
-        lines = [f"# Cleaning report\n", f"{self.docs_in:,} documents in ({self.bytes_in:,} bytes), "
+        lines = ["# Cleaning report\n", f"{self.docs_in:,} documents in ({self.bytes_in:,} bytes), "
                  f"{self.docs_out:,} kept ({self.bytes_out:,} bytes).\n",
                  "| rule | documents dropped | bytes dropped |", "|---|---|---|", *rows, ""]
         for rule, d in self.dropped.items():

@@ -95,8 +95,6 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]] | torch.Te
         if bool(done.all()):
             return
         seen.scatter_(1, nxt[:, None], True)
-        if cache.pos >= cache.max_len:
-            return
         logits, _ = model(nxt[:, None], cache=cache)  # (B, 1, V)
 
 
