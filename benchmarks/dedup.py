@@ -26,25 +26,32 @@ WORDS = 80
 PLANTED = 0.10
 
 
-def documents(n: int, seed: int = 0):
+def is_planted(i: int) -> bool:
+    return i > 0 and np.random.default_rng((8, i)).random() < PLANTED
+
+
+def original_words(j: int, vocab: np.ndarray) -> np.ndarray:
+    """Document j's words, regenerated from its own seed: the generator holds no corpus in memory."""
+    return vocab[np.minimum(np.random.default_rng((7, j)).zipf(1.3, WORDS), len(vocab)) - 1]
+
+
+def documents(n: int):
     """(text, source) pairs; sources of planted copies are 'dup-<i>-of-<j>'."""
     from tinylm.corpus import Document
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     vocab = np.array([f"w{i}" for i in range(50_000)])
-    originals: list[np.ndarray] = []
     for i in range(n):
-        if originals and rng.random() < PLANTED:
-            j = int(rng.integers(len(originals)))
-            words = originals[j].copy()
+        if is_planted(i):
+            j = int(rng.integers(i))
+            while is_planted(j):
+                j -= 1
+            words = original_words(j, vocab).copy()
             where = rng.choice(WORDS, 1, replace=False)  # one word in 80: 5-gram Jaccard ~0.88 > 0.8
             words[where] = vocab[rng.integers(len(vocab), size=len(where))]
             yield Document(" ".join(words), f"dup-{i}-of-{j}")
         else:
-            words = vocab[np.minimum(rng.zipf(1.3, WORDS), len(vocab)) - 1]
-            if len(originals) < 200_000:
-                originals.append(words)
-            yield Document(" ".join(words), f"doc-{i}")
+            yield Document(" ".join(original_words(i, vocab)), f"doc-{i}")
 
 
 def run_one(n: int) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tinylm.config import Config, load_config
-from tinylm.pipeline import shards_stage, tokenizer_stage
+from tinylm.prepare import shards_stage, tokenizer_stage
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 STORIES = SHARED / "tinystories_2mib.txt"

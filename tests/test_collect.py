@@ -126,8 +126,9 @@ def test_rerun_skips_collected_sources_and_files_keep_their_path(tmp_path, capsy
     args = ["collect", "--out", str(tmp_path / "raw"), f"--collect.files={tmp_path / 'a.txt'}"]
     assert main(args) == 0
     assert main(args) == 0
-    assert "files already collected, skipped" in capsys.readouterr().out
-    (doc,) = records(tmp_path / "raw", "files")
+    assert "already collected, skipped" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "raw" / "manifest.json").read_text())
+    (doc,) = records(tmp_path / "raw", manifest["plan"][0])
     assert doc["path"].endswith("a.txt:1") and doc["text"] == "hello there"
 
 
@@ -143,3 +144,31 @@ def test_collected_folder_feeds_clean(tmp_path, capsys):
     kept = (tmp_path / "clean" / "clean.jsonl").read_text().splitlines()
     report = json.loads((tmp_path / "clean" / "report.json").read_text())
     assert report["docs_in"] == 5 and len(kept) == 1 and report["dropped"]["near_duplicate"]["docs"] == 4
+
+
+def test_run_collects_and_cleans_when_sources_are_configured(tmp_path, capsys):
+    """The data stages of `tinylm run`: only the configured sources reach the corpus; reruns skip."""
+    from tinylm.config import load_config
+    from tinylm.prepare import prepare_data
+    from conftest import STORIES
+
+    stories = [t.strip() for t in STORIES.read_text(encoding="utf-8").split("<|endoftext|>") if len(t.split()) > 60]
+    (tmp_path / "a.txt").write_text("\n<|endoftext|>\n".join(stories[:120] + stories[:5]))  # 5 exact copies
+    (tmp_path / "b.txt").write_text("\n<|endoftext|>\n".join(stories[120:240]))
+    run_dir = tmp_path / "run"
+    cfg = load_config("tiny", {"collect.files": [str(tmp_path / "a.txt")], "tokenizer.vocab_size": 300})
+    used = prepare_data(cfg, run_dir, progress=False)
+    assert used.data.corpus == [str(run_dir / "clean" / "clean.jsonl")]
+    report = json.loads((run_dir / "clean" / "report.json").read_text())
+    assert report["docs_in"] == 125 and report["dropped"]["exact_duplicate"]["docs"] == 5
+    assert json.loads((run_dir / "shards" / "meta.json").read_text())["splits"]["train"]["tokens"] > 0
+    capsys.readouterr()
+
+    prepare_data(cfg, run_dir, progress=False)
+    out = capsys.readouterr().out
+    assert "clean: up to date" in out and "tokenizer: up to date" in out and "shards: up to date" in out
+
+    cfg_b = load_config("tiny", {"collect.files": [str(tmp_path / "b.txt")], "tokenizer.vocab_size": 300})
+    prepare_data(cfg_b, run_dir, progress=False)
+    cleaned = [json.loads(line)["text"] for line in (run_dir / "clean" / "clean.jsonl").open()]
+    assert len(cleaned) == 120 and cleaned[0].split() == stories[120].split()  # a.txt's documents are not in the new corpus

@@ -105,51 +105,33 @@ def cmd_run(args, overrides) -> int:
 
 
 def cmd_collect(args, overrides) -> int:
-    from .collect import collect
-    from .io import write_text
+    from .prepare import collect_stage
 
-    cfg = _config(args, overrides)
     out = Path(args.out or "data/raw")
-    manifest = collect(cfg.collect, out)
-    write_text(out / "config.toml", to_toml(cfg))
-    total = sum(s["documents"] for s in manifest["sources"].values())
-    print(f"{total:,} documents in {out} (use them with --data.corpus={out})")
+    collect_stage(_config(args, overrides), out)
+    print(f"use the collected text with --data.corpus={out}")
     return 0
 
 
 def cmd_clean(args, overrides) -> int:
-    from .clean import clean_corpus
-    from .corpus import read_documents
-    from .io import write_text
+    from .prepare import clean_stage
 
-    cfg = _config(args, overrides)
     out = Path(args.out or "data/clean")
-    report = clean_corpus(read_documents(cfg.data), out, cfg.clean, cfg.data.workers)
-    if cfg.clean.contamination:
-        from .clean import check_contamination
-        from .io import write_json
-
-        report["contamination"] = check_contamination(out / "clean.jsonl", cfg.clean, cfg.data.val_fraction)
-        write_json(out / "report.json", report)
-        for name, r in report["contamination"].items():
-            print(f"contamination: {r['contaminated']:,} of {r['docs']:,} {name} documents share a "
-                  f"{cfg.clean.contamination_ngram}-word sequence with the training documents")
-    write_text(out / "config.toml", to_toml(cfg))
+    clean_stage(_config(args, overrides), out, force=True)
     print((out / "report.md").read_text(encoding="utf-8"))
-    print(f"kept {report['docs_out']:,} of {report['docs_in']:,} documents -> {out / 'clean.jsonl'} "
-          f"(use it with --data.corpus={out / 'clean.jsonl'})")
+    print(f"use the cleaned text with --data.corpus={out / 'clean.jsonl'}")
     return 0
 
 
 def cmd_tokenizer(args, overrides) -> int:
-    from .pipeline import tokenizer_stage
+    from .prepare import tokenizer_stage
 
     tokenizer_stage(_config(args, overrides), args.out or "runs/default/tokenizer", force=True)
     return 0
 
 
 def cmd_shards(args, overrides) -> int:
-    from .pipeline import shards_stage
+    from .prepare import shards_stage
 
     shards_stage(_config(args, overrides), args.tokenizer, args.out or "runs/default/shards", force=True)
     return 0

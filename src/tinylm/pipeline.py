@@ -1,7 +1,7 @@
-"""Stages and the one command that chains them.
+"""The training stages and the one command that chains every stage.
 
-    corpus -> tokenizer/ -> shards/ -> pretrain/checkpoints/ -> samples
-           conversations -> sft/data/ -> sft/checkpoints/ -> demo chat
+    [raw/ -> clean/ ->] tokenizer/ -> shards/ -> pretrain/checkpoints/ -> samples
+                        conversations -> sft/data/ -> sft/checkpoints/ -> demo chat
 
 Every stage writes its outputs with a `meta.json` that records an `inputs_hash` (what the stage
 read and the settings it used). `tinylm run` skips a stage whose hash is unchanged, resumes a
@@ -19,70 +19,14 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .config import Config, to_toml
-from .corpus import corpus_fingerprint, files_fingerprint, is_validation, read_documents
+from .corpus import files_fingerprint
 from .data import PackedBatches
 from .io import hash_json, read_json, write_json, write_text
+from .prepare import _fresh, prepare_data, say
 from .sft import SFTBatches, SFTRows, build_sft_shards, read_conversations
-from .shards import build_shards, load_split
-from .tokenizer import Tokenizer, bytes_per_token, train_tokenizer
+from .shards import load_split
+from .tokenizer import Tokenizer
 from .train import Runtime, setup_runtime, train
-
-
-def _fresh(out_dir: Path, inputs_hash: str) -> bool:
-    meta = out_dir / "meta.json"
-    return meta.is_file() and read_json(meta).get("inputs_hash") == inputs_hash
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
-# --- tokenizer -------------------------------------------------------------------------------------
-def tokenizer_stage(cfg: Config, out_dir: str | Path, force: bool = False, progress: bool = True) -> Path:
-    """Train the tokenizer on the training documents; report compression on held-out ones."""
-    out_dir = Path(out_dir)
-    inputs_hash = hash_json({"corpus": corpus_fingerprint(cfg.data), "tokenizer": dataclasses.asdict(cfg.tokenizer)})
-    if not force and _fresh(out_dir, inputs_hash):
-        say(f"tokenizer: up to date in {out_dir}")
-        return out_dir
-    say(f"tokenizer: training {cfg.tokenizer.kind} with {cfg.tokenizer.vocab_size} tokens on {', '.join(cfg.data.corpus)}")
-    train_texts = (d.text for d in read_documents(cfg.data) if not is_validation(d.text, cfg.data.val_fraction))
-    tok = train_tokenizer(train_texts, cfg.tokenizer, show_progress=progress)
-    held_out = []
-    for d in read_documents(cfg.data):
-        if len(held_out) >= cfg.tokenizer.held_out_docs:
-            break
-        if is_validation(d.text, cfg.data.val_fraction):
-            held_out.append(d.text)
-    compression = bytes_per_token(tok, held_out)
-    tok.save(out_dir, model_max_length=cfg.model.max_seq_len,
-             extra_meta={"inputs_hash": inputs_hash, "held_out_compression": compression,
-                         "config": dataclasses.asdict(cfg.tokenizer)})
-    write_text(out_dir / "config.toml", to_toml(cfg))
-    say(f"tokenizer: {tok.vocab_size} tokens -> {out_dir}; held-out compression "
-        f"{compression['bytes_per_token']} bytes/token over {compression['docs']} documents")
-    return out_dir
-
-
-# --- shards ----------------------------------------------------------------------------------------
-def shards_stage(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path, force: bool = False,
-                 progress: bool = True) -> Path:
-    out_dir, tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
-    tok = Tokenizer.load(tokenizer_dir)
-    data_settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "workers"}
-    inputs_hash = hash_json({"corpus": corpus_fingerprint(cfg.data), "data": data_settings, "tokenizer": tok.fingerprint})
-    if not force and _fresh(out_dir, inputs_hash):
-        say(f"shards: up to date in {out_dir}")
-        return out_dir
-    say(f"shards: tokenizing {', '.join(cfg.data.corpus)}")
-    meta = build_shards(read_documents(cfg.data), tokenizer_dir, out_dir, cfg.data, progress=progress,
-                        extra_meta={"inputs_hash": inputs_hash, "tokenizer_dir": str(tokenizer_dir.resolve()),
-                                    "config": data_settings})
-    write_text(out_dir / "config.toml", to_toml(cfg))
-    tr, va = meta["splits"]["train"], meta["splits"]["val"]
-    say(f"shards: train {tr['tokens']:,} tokens / {tr['docs']:,} docs, val {va['tokens']:,} tokens / "
-        f"{va['docs']:,} docs ({meta['dtype']}) -> {out_dir}")
-    return out_dir
 
 
 # --- pretraining -----------------------------------------------------------------------------------
@@ -201,14 +145,16 @@ def print_samples(checkpoint: str | Path, cfg: Config, out_file: Path | None = N
 
 
 def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
-    """tokenizer -> shards -> pretrain -> samples -> SFT -> demo chat under run_dir; up-to-date stages are skipped."""
+    """[collect -> clean ->] tokenizer -> shards -> pretrain -> samples -> SFT -> demo chat under run_dir.
+
+    Up-to-date stages are skipped; training stages resume from their newest checkpoint.
+    """
     run_dir = Path(run_dir)
     rt = setup_runtime(cfg.train)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.toml", to_toml(cfg))
-        tokenizer_stage(cfg, run_dir / "tokenizer", progress=progress)
-        shards_stage(cfg, run_dir / "tokenizer", run_dir / "shards", progress=progress)
+        prepare_data(cfg, run_dir, progress=progress)
     if rt.world > 1:
         dist.barrier()  # other ranks wait for the data
     summary = pretrain(cfg, run_dir / "shards", run_dir / "pretrain", rt, run_dir / "tokenizer")

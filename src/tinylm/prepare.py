@@ -1,0 +1,129 @@
+"""The data stages: [collect -> clean ->] tokenizer -> shards. They need no torch.
+
+Each writes its output directory atomically with a `meta.json` holding an `inputs_hash` (what the
+stage read and the settings it used); a stage whose hash is unchanged is skipped. Collection and
+cleaning run only when a `[collect]` source is configured; the cleaned corpus then replaces
+`data.corpus` for the stages after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .config import Config, to_toml
+from .corpus import corpus_fingerprint, files_fingerprint, is_validation, read_documents
+from .io import hash_json, read_json, write_json, write_text
+from .shards import build_shards
+from .tokenizer import Tokenizer, bytes_per_token, train_tokenizer
+
+
+def _fresh(out_dir: Path, inputs_hash: str) -> bool:
+    meta = out_dir / "meta.json"
+    return meta.is_file() and read_json(meta).get("inputs_hash") == inputs_hash
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# --- tokenizer -------------------------------------------------------------------------------------
+def tokenizer_stage(cfg: Config, out_dir: str | Path, force: bool = False, progress: bool = True) -> Path:
+    """Train the tokenizer on the training documents; report compression on held-out ones."""
+    out_dir = Path(out_dir)
+    inputs_hash = hash_json({"corpus": corpus_fingerprint(cfg.data), "tokenizer": dataclasses.asdict(cfg.tokenizer)})
+    if not force and _fresh(out_dir, inputs_hash):
+        say(f"tokenizer: up to date in {out_dir}")
+        return out_dir
+    say(f"tokenizer: training {cfg.tokenizer.kind} with {cfg.tokenizer.vocab_size} tokens on {', '.join(cfg.data.corpus)}")
+    train_texts = (d.text for d in read_documents(cfg.data) if not is_validation(d.text, cfg.data.val_fraction))
+    tok = train_tokenizer(train_texts, cfg.tokenizer, show_progress=progress)
+    held_out = []
+    for d in read_documents(cfg.data):
+        if len(held_out) >= cfg.tokenizer.held_out_docs:
+            break
+        if is_validation(d.text, cfg.data.val_fraction):
+            held_out.append(d.text)
+    compression = bytes_per_token(tok, held_out)
+    tok.save(out_dir, model_max_length=cfg.model.max_seq_len,
+             extra_meta={"inputs_hash": inputs_hash, "held_out_compression": compression,
+                         "config": dataclasses.asdict(cfg.tokenizer)})
+    write_text(out_dir / "config.toml", to_toml(cfg))
+    say(f"tokenizer: {tok.vocab_size} tokens -> {out_dir}; held-out compression "
+        f"{compression['bytes_per_token']} bytes/token over {compression['docs']} documents")
+    return out_dir
+
+
+# --- shards ----------------------------------------------------------------------------------------
+def shards_stage(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path, force: bool = False,
+                 progress: bool = True) -> Path:
+    out_dir, tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
+    tok = Tokenizer.load(tokenizer_dir)
+    data_settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "workers"}
+    inputs_hash = hash_json({"corpus": corpus_fingerprint(cfg.data), "data": data_settings, "tokenizer": tok.fingerprint})
+    if not force and _fresh(out_dir, inputs_hash):
+        say(f"shards: up to date in {out_dir}")
+        return out_dir
+    say(f"shards: tokenizing {', '.join(cfg.data.corpus)}")
+    meta = build_shards(read_documents(cfg.data), tokenizer_dir, out_dir, cfg.data, progress=progress,
+                        extra_meta={"inputs_hash": inputs_hash, "tokenizer_dir": str(tokenizer_dir.resolve()),
+                                    "config": data_settings})
+    write_text(out_dir / "config.toml", to_toml(cfg))
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    say(f"shards: train {tr['tokens']:,} tokens / {tr['docs']:,} docs, val {va['tokens']:,} tokens / "
+        f"{va['docs']:,} docs ({meta['dtype']}) -> {out_dir}")
+    return out_dir
+
+
+# --- collect and clean -----------------------------------------------------------------------------
+def has_sources(cfg: Config) -> bool:
+    c = cfg.collect
+    return bool(c.files or c.hf_datasets or c.wikipedia_topics or c.urls or c.builtin)
+
+
+def collect_stage(cfg: Config, out_dir: str | Path) -> list[str]:
+    """Collect every configured source (those already collected are skipped); returns their files."""
+    from .collect import collect
+
+    out_dir = Path(out_dir)
+    manifest = collect(cfg.collect, out_dir)
+    write_text(out_dir / "config.toml", to_toml(cfg))
+    total = sum(s["documents"] for s in manifest["sources"].values())
+    say(f"collect: {total:,} documents in {out_dir}")
+    return [str(out_dir / manifest["sources"][name]["file"]) for name in manifest["plan"]]
+
+
+def clean_stage(cfg: Config, out_dir: str | Path, force: bool = False, progress: bool = True) -> dict:
+    """Clean data.corpus into out_dir/clean.jsonl with report.json, report.md and meta.json."""
+    from .clean import check_contamination, clean_corpus
+
+    out_dir = Path(out_dir)
+    inputs_hash = hash_json({"corpus": corpus_fingerprint(cfg.data), "clean": dataclasses.asdict(cfg.clean),
+                             "contamination": files_fingerprint(cfg.clean.contamination)})
+    if not force and _fresh(out_dir, inputs_hash):
+        say(f"clean: up to date in {out_dir}")
+        return read_json(out_dir / "report.json")
+    say(f"clean: {', '.join(cfg.data.corpus)}")
+    report = clean_corpus(read_documents(cfg.data), out_dir, cfg.clean, cfg.data.workers, progress=progress)
+    if cfg.clean.contamination:
+        report["contamination"] = check_contamination(out_dir / "clean.jsonl", cfg.clean, cfg.data.val_fraction)
+        write_json(out_dir / "report.json", report)
+        for name, r in report["contamination"].items():
+            say(f"contamination: {r['contaminated']:,} of {r['docs']:,} {name} documents share a "
+                f"{cfg.clean.contamination_ngram}-word sequence with the training documents")
+    write_text(out_dir / "config.toml", to_toml(cfg))
+    write_json(out_dir / "meta.json", {"inputs_hash": inputs_hash, "docs": report["docs_out"], "bytes": report["bytes_out"]})
+    say(f"clean: kept {report['docs_out']:,} of {report['docs_in']:,} documents -> {out_dir / 'clean.jsonl'}")
+    return report
+
+
+def prepare_data(cfg: Config, run_dir: Path, progress: bool = True) -> Config:
+    """Every data stage into run_dir; returns the config the training stages should use."""
+    if has_sources(cfg):
+        raw_files = collect_stage(cfg, run_dir / "raw")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=raw_files))
+        clean_stage(cfg, run_dir / "clean", progress=progress)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=[str(run_dir / "clean" / "clean.jsonl")]))
+    tokenizer_stage(cfg, run_dir / "tokenizer", progress=progress)
+    shards_stage(cfg, run_dir / "tokenizer", run_dir / "shards", progress=progress)
+    return cfg
