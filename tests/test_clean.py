@@ -82,6 +82,16 @@ def test_each_filter_catches_its_case(text, rule):
     assert failed_rule(normalise(GOOD, cfg), cfg) is None
 
 
+def test_language_filter_keeps_the_chosen_languages():
+    german = ("Es war einmal ein kleines Mädchen, das jeden Tag mit seinem Hund im Garten spielte. Der Hund "
+              "hieß Bello und war sehr freundlich. Eines Tages fanden sie einen alten Schlüssel unter dem Baum.")
+    cfg = CleanConfig(languages=["en"])
+    assert failed_rule(normalise(GOOD, cfg), cfg) is None
+    assert failed_rule(normalise(german, cfg), cfg) == "language"
+    assert failed_rule(normalise(german, cfg), CleanConfig(languages=["en", "de"])) is None
+    assert failed_rule(normalise(german, cfg), CleanConfig()) is None  # no check unless asked
+
+
 def test_normalisation():
     cfg = CleanConfig(nfkc=True, rejoin_wrapped=True)
     assert normalise("ﬁne\u00a0 day\r\nnext\x07 line\n\n\n\nnew para", cfg) == "fine day next line\n\nnew para"

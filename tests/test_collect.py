@@ -105,6 +105,29 @@ def test_web_pages_robots_timeouts_and_retries(site, tmp_path):
     assert set(Site.agents) == {USER_AGENT}
 
 
+def test_interrupted_web_collection_resumes_without_refetching(site, tmp_path, monkeypatch):
+    import trafilatura
+
+    Site.hits.clear()
+    extract = trafilatura.extract
+
+    def interrupted_at_flaky(html, url=None, **kw):
+        if "flaky" in url:
+            raise KeyboardInterrupt
+        return extract(html, url=url, **kw)
+
+    cfg = CollectConfig(urls=[f"{site}/fox.html", f"{site}/flaky.html"], **FAST)
+    monkeypatch.setattr(trafilatura, "extract", interrupted_at_flaky)
+    with pytest.raises(KeyboardInterrupt):
+        collect(cfg, tmp_path)
+    assert not list(tmp_path.glob("*.jsonl.gz"))  # no half-written source file
+    monkeypatch.setattr(trafilatura, "extract", extract)
+    manifest = collect(cfg, tmp_path)
+    docs = records(tmp_path, manifest["plan"][0])
+    assert [d["url"] for d in docs] == [f"{site}/fox.html", f"{site}/flaky.html"]
+    assert Site.hits["/fox.html"] == 1  # fetched once, before the interruption
+
+
 def test_per_host_rate_limit(site, tmp_path):
     start = time.monotonic()
     collect(CollectConfig(urls=[f"{site}/fox.html", f"{site}/flaky.html?x=1"], **{**FAST, "per_host_delay": 0.4}), tmp_path)

@@ -31,7 +31,7 @@ from .io import atomic_dir, write_json, write_text
 from .shards import run_in_pool
 
 RULES = ("too_short", "too_long", "too_few_words", "short_sentences", "long_sentences", "few_unique_chars",
-         "symbols", "digits", "repeated_lines", "repeated_ngrams", "exact_duplicate", "near_duplicate")
+         "symbols", "digits", "repeated_lines", "repeated_ngrams", "language", "exact_duplicate", "near_duplicate")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 WORD = re.compile(r"\w+", re.UNICODE)
 SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
@@ -84,7 +84,25 @@ def failed_rule(text: str, cfg: CleanConfig) -> str | None:
         gram, count = trigrams.most_common(1)[0]
         if count > 1 and count * 3 / len(words) > cfg.max_top_ngram_ratio:
             return "repeated_ngrams"
+    if cfg.languages:
+        language, probability = identify_language(text)
+        if language not in cfg.languages or probability < cfg.min_language_score:
+            return "language"
     return None
+
+
+_identifier = None
+
+
+def identify_language(text: str) -> tuple[str, float]:
+    """(ISO 639-1 code, probability) from py3langid's bundled model (97 languages, no network)."""
+    global _identifier
+    if _identifier is None:
+        from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
+
+        _identifier = LanguageIdentifier.from_modelpath(MODEL_DIR / MODEL_FILE, norm_probs=True)
+    language, probability = _identifier.classify(text[:4000])  # a few thousand characters decide it
+    return language, float(probability)
 
 
 # --- duplicate keys --------------------------------------------------------------------------------

@@ -155,10 +155,16 @@ def from_wikipedia(topic: str, cfg: CollectConfig, fetcher: Fetcher) -> Iterator
                        "title": info.get("title", title), "license": WIKIPEDIA_LICENSE, "retrieved_at": _now()}
 
 
-def from_urls(urls: list[str], fetcher: Fetcher, skipped: list[dict]) -> Iterator[dict]:
+def from_urls(urls: list[str], fetcher: Fetcher, skipped: list[dict], cache_dir: Path) -> Iterator[dict]:
+    """Fetched pages are also kept one file per URL in cache_dir: an interrupted run refetches nothing."""
     import trafilatura
 
+    cache_dir.mkdir(parents=True, exist_ok=True)
     for url in urls:
+        cached = cache_dir / f"{hashlib.sha1(url.encode()).hexdigest()}.json"
+        if cached.is_file():
+            yield read_json(cached)
+            continue
         if not fetcher.allowed(url):
             skipped.append({"url": url, "reason": "robots.txt"})
             continue
@@ -171,8 +177,10 @@ def from_urls(urls: list[str], fetcher: Fetcher, skipped: list[dict]) -> Iterato
             skipped.append({"url": url, "reason": "no main text"})
             continue
         meta = trafilatura.extract_metadata(response.text)
-        yield {"text": text, "source": "web", "url": url, "title": getattr(meta, "title", None),
-               "license": getattr(meta, "license", None), "retrieved_at": _now()}
+        record = {"text": text, "source": "web", "url": url, "title": getattr(meta, "title", None),
+                  "license": getattr(meta, "license", None), "retrieved_at": _now()}
+        write_json(cached, record)
+        yield record
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -211,7 +219,7 @@ def collect(cfg: CollectConfig, out_dir: str | Path) -> dict:
         plan.append((f"wikipedia-{cfg.wikipedia_lang}-{_slug(topic)}", lambda topic=topic: from_wikipedia(topic, cfg, fetcher)))
     if cfg.urls:
         url_list_id = hashlib.sha1("\n".join(cfg.urls).encode()).hexdigest()[:12]  # stable across runs
-        plan.append((f"web-{url_list_id}", lambda: from_urls(cfg.urls, fetcher, skipped)))
+        plan.append((f"web-{url_list_id}", lambda: from_urls(cfg.urls, fetcher, skipped, out_dir / ".web-pages")))
     for name, source in plan:
         if name in manifest["sources"] and (out_dir / manifest["sources"][name]["file"]).is_file():
             print(f"collect: {name} already collected, skipped")

@@ -121,6 +121,8 @@ class CleanConfig:
     max_digit_ratio: float = 0.2  # drop documents with more digits than this share of characters
     max_dup_line_ratio: float = 0.3  # drop documents where this share of lines repeats another line
     max_top_ngram_ratio: float = 0.2  # drop documents where the most frequent word 3-gram covers this share of words
+    languages: list[str] = field(default_factory=list)  # keep only these ISO 639-1 languages, e.g. ["en"] (empty = no check; py3langid)
+    min_language_score: float = 0.5  # with languages set: drop documents identified with a lower probability
     exact_dedup: bool = True  # drop documents whose normalised text was seen before
     near_dup_threshold: float = 0.8  # drop documents whose estimated Jaccard similarity to a kept one is above this (0 = off)
     shingle_words: int = 5  # word n-grams compared by the near-duplicate check

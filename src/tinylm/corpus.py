@@ -159,7 +159,7 @@ def corpus_files(paths: Iterable[str]) -> list[Path]:
         path = Path(p)
         if path.is_dir():
             files += sorted(f for f in path.rglob("*") if f.is_file() and _suffix(f) in KNOWN_SUFFIXES
-                            and f.name not in SIDECARS and not f.name.startswith("."))
+                            and f.name not in SIDECARS and not any(part.startswith(".") for part in f.relative_to(path).parts))
         elif path.is_file():
             if _suffix(path) not in KNOWN_SUFFIXES:
                 raise CorpusError(f"{path}: unsupported file type (known: {', '.join(KNOWN_SUFFIXES)}, optionally .gz)")
