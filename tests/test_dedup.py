@@ -4,7 +4,7 @@ import random
 
 import numpy as np
 
-from tinylm.clean import signature
+from tinylm.clean import WORD, signature
 from tinylm.config import CleanConfig
 from tinylm.dedup import KeyIndex, MinHashIndex
 
@@ -34,7 +34,7 @@ def test_minhash_index_finds_what_all_pairs_comparison_finds(tmp_path):
     texts = originals + [with_a_few_words_changed(t, rng) for t in originals[:50]]
     texts += [" ".join(t.split()[: len(t.split()) // 2]) for t in originals[50:70]]  # halves: Jaccard ~0.5, kept
     rng.shuffle(texts)
-    sigs = [signature(t, cfg).astype(np.uint32) for t in texts]
+    sigs = [signature(WORD.findall(t.lower()), cfg).astype(np.uint32) for t in texts]
 
     index = MinHashIndex(cfg.near_dup_threshold, cfg.minhash_perm, tmp_path / "sigs")
     kept_index, kept_ref = [], []

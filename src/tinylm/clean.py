@@ -17,6 +17,7 @@ import json
 import os
 import re
 import unicodedata
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,7 +36,8 @@ RULES = ("too_short", "too_long", "too_few_words", "short_sentences", "long_sent
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 WORD = re.compile(r"\w+", re.UNICODE)
 SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
-PUNCTUATION = set(".,;:!?'\"()[]{}-–—…/&%")
+SYMBOL = re.compile(r"[^\w\s.,;:!?'\"()\[\]{}\-–—…/&%]|_")  # not a letter, digit, space or common punctuation
+DIGIT = re.compile(r"\d")
 MINHASH_SCHEME = "affine32"  # datasketch >= 2 asks for it when signatures travel between processes
 
 
@@ -70,10 +72,9 @@ def failed_rule(text: str, cfg: CleanConfig) -> str | None:
         return "long_sentences"
     if len(set(text)) < cfg.min_unique_chars:
         return "few_unique_chars"
-    symbols = sum(1 for c in text if not (c.isalnum() or c.isspace() or c in PUNCTUATION))
-    if symbols / n > cfg.max_symbol_ratio:
+    if len(SYMBOL.findall(text)) / n > cfg.max_symbol_ratio:
         return "symbols"
-    if sum(c.isdigit() for c in text) / n > cfg.max_digit_ratio:
+    if len(DIGIT.findall(text)) / n > cfg.max_digit_ratio:
         return "digits"
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if len(lines) > 1 and 1 - len(set(lines)) / len(lines) > cfg.max_dup_line_ratio:
@@ -106,20 +107,42 @@ def identify_language(text: str) -> tuple[str, float]:
 
 
 # --- duplicate keys --------------------------------------------------------------------------------
-def exact_key(text: str) -> bytes:
-    """Case, punctuation and spacing do not make two documents different."""
-    return hashlib.blake2b(" ".join(WORD.findall(text.lower())).encode(), digest_size=8).digest()
+def exact_key(words: list[str]) -> bytes:
+    """Of the lowercased words: case, punctuation and spacing do not make two documents different."""
+    return hashlib.blake2b(" ".join(words).encode(), digest_size=8).digest()
 
 
-def signature(text: str, cfg: CleanConfig) -> np.ndarray:
-    """MinHash signature of the document's word n-gram shingles."""
+_word_hashes: dict[str, int] = {}  # a cache: most words of a corpus repeat
+
+
+def shingle_hashes(words: list[str], k: int) -> np.ndarray:
+    """32-bit hashes of the document's word k-grams (its shingle set), computed with numpy.
+
+    Each word is hashed once (CRC-32); a k-gram's hash is a polynomial of its words' hashes.
+    """
+    words = words or [""]
+    if len(_word_hashes) > 2_000_000:
+        _word_hashes.clear()
+    word_hashes = np.fromiter((_word_hashes.get(w) or _word_hashes.setdefault(w, zlib.crc32(w.encode())) for w in words),
+                              np.uint64, len(words))
+    n = max(1, len(words) - k + 1)
+    h = np.zeros(n, np.uint64)
+    for j in range(min(k, len(words))):
+        h = h * np.uint64(0x100000001B3) + word_hashes[j:j + n]  # wraps mod 2^64
+    return np.unique((h >> np.uint64(32)).astype(np.uint32))
+
+
+_permutations: dict[int, object] = {}
+
+
+def signature(words: list[str], cfg: CleanConfig) -> np.ndarray:
+    """MinHash signature (datasketch) of the shingles of the document's lowercased words."""
     from datasketch import MinHash
 
-    words = WORD.findall(text.lower())
-    k = cfg.shingle_words
-    shingles = {" ".join(words[i:i + k]).encode() for i in range(max(1, len(words) - k + 1))}
-    m = MinHash(num_perm=cfg.minhash_perm, seed=1, scheme=MINHASH_SCHEME)
-    m.update_batch(list(shingles))
+    if cfg.minhash_perm not in _permutations:  # drawn once per process: the same seed gives the same ones
+        _permutations[cfg.minhash_perm] = MinHash(cfg.minhash_perm, seed=1, scheme=MINHASH_SCHEME).permutations
+    m = MinHash(cfg.minhash_perm, seed=1, hashfunc=int, permutations=_permutations[cfg.minhash_perm], scheme=MINHASH_SCHEME)
+    m.update_batch(shingle_hashes(words, cfg.shingle_words).tolist())
     return m.hashvalues
 
 
@@ -141,8 +164,9 @@ def _process(batch: list[tuple[str, str]]) -> list[tuple[str, str, str | None, b
         if rule:
             out.append((text, source, rule, None, None))
             continue
-        sig = signature(text, cfg) if cfg.near_dup_threshold > 0 else None
-        out.append((text, source, None, exact_key(text) if cfg.exact_dedup else None, sig))
+        words = WORD.findall(text.lower())
+        sig = signature(words, cfg) if cfg.near_dup_threshold > 0 else None
+        out.append((text, source, None, exact_key(words) if cfg.exact_dedup else None, sig))
     return out
 
 
