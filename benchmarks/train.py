@@ -1,0 +1,185 @@
+"""Training speed: tinylm's step vs a naive reference written the way the seeds do it, and MFU.
+
+    python benchmarks/train.py --presets cpu-demo seed-26m
+
+For each preset, at the preset's sizes and micro-batch:
+  - tinylm: the real training step (`train._accumulate_and_step`) with the preset's settings
+    (bf16 autocast where the CPU has bf16 instructions, SDPA attention, torch.compile where the
+    preset turns it on, foreach/fused AdamW);
+  - naive: a LLaMA-style model written here like the seeds write it (explicit causal mask and
+    softmax, fp32, no compile) with a plain for-loop AdamW.
+Both see the same random tokens. Also measured in the same run: the machine's matmul peak in bf16
+and fp32 (large square matrix products), so MFU = model FLOP/s / peak. Compile time is reported
+apart (it is paid once per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinylm.config import load_config
+from tinylm.model import Transformer
+from tinylm.train import _accumulate_and_step, build_optimizer, pick_dtype, setup_runtime
+
+
+# --- the naive reference ---------------------------------------------------------------------------
+class NaiveBlock(nn.Module):
+    def __init__(self, dim, n_heads, n_kv_heads, hidden):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = n_heads, n_kv_heads, dim // n_heads
+        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * n_kv_heads * self.hd, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, C = x.shape
+        h = self.norm1(x)
+        q = self.q(h).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        k, v = self.kv(h).view(B, T, 2, self.n_kv, self.hd).permute(2, 0, 3, 1, 4)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)
+        att = att.masked_fill(mask[:T, :T] == 0, float("-inf")).softmax(dim=-1)
+        x = x + self.o((att @ v).transpose(1, 2).reshape(B, T, C))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def rope(x, cos, sin):
+    a, b = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-b, a), dim=-1) * sin
+
+
+class NaiveModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        hd = cfg.dim // cfg.n_heads
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(NaiveBlock(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.hidden_dim)
+                                    for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head.weight = self.emb.weight
+        inv = 1.0 / (cfg.rope_base ** (torch.arange(0, hd, 2).float() / hd))
+        freqs = torch.outer(torch.arange(cfg.max_seq_len).float(), inv)
+        self.register_buffer("cos", torch.cat((freqs, freqs), -1).cos())
+        self.register_buffer("sin", torch.cat((freqs, freqs), -1).sin())
+        self.register_buffer("mask", torch.tril(torch.ones(cfg.max_seq_len, cfg.max_seq_len)))
+
+    def forward(self, idx, targets):
+        T = idx.shape[1]
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = block(x, self.cos[:T], self.sin[:T], self.mask)
+        logits = self.head(self.norm(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+# --- measurements ----------------------------------------------------------------------------------
+def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
+    """Best FLOP/s of large square matrix products in this dtype."""
+    best = 0.0
+    for n in (1024, 2048, 4096):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def time_steps(step, steps: int, warmup: int) -> tuple[float, float]:
+    """(seconds of the warmup steps, seconds per timed step: the median)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warm = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return warm, sorted(times)[len(times) // 2]
+
+
+class RandomBatches:
+    """What the training step asks of a loader, with random tokens (speed does not depend on the text)."""
+
+    def __init__(self, vocab: int, batch: int, seq: int):
+        self.x = torch.randint(0, vocab, (batch, seq + 1))
+
+    def next_batch(self):
+        return self.x[:, :-1], self.x[:, 1:]
+
+
+def bench_preset(preset: str, steps: int, warmup: int, peak_bf16: float) -> dict:
+    cfg = load_config(preset, {"train.grad_accum": 1, "train.device": "cpu"})
+    cfg.model.vocab_size = cfg.tokenizer.vocab_size
+    tc, mc = cfg.train, cfg.model
+    rt = setup_runtime(tc)
+    batches = RandomBatches(mc.vocab_size, tc.batch_size, mc.max_seq_len)
+    tokens = tc.batch_size * mc.max_seq_len
+
+    torch.manual_seed(0)
+    model = Transformer(mc)
+    flops = model.flops_per_token() * tokens
+    optimizer = build_optimizer(model, tc, rt.device)
+    wrapped = torch.compile(model) if tc.compile else model
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ours_warm, ours = time_steps(lambda: _accumulate_and_step(wrapped, model, optimizer, scaler, batches, rt, tc),
+                                 steps, warmup)
+    del model, optimizer, wrapped
+
+    torch.manual_seed(0)
+    naive = NaiveModel(mc)
+    naive_opt = torch.optim.AdamW(naive.parameters(), lr=tc.lr, foreach=False)
+
+    def naive_step():
+        x, y = batches.next_batch()
+        naive(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(naive.parameters(), tc.grad_clip)
+        naive_opt.step()
+        naive_opt.zero_grad(set_to_none=True)
+
+    _, theirs = time_steps(naive_step, max(3, steps // 2), 1)
+    return {"preset": preset, "params": sum(p.numel() for p in naive.parameters()), "tokens_per_step": tokens,
+            "dtype": str(rt.dtype).removeprefix("torch."), "compile": tc.compile, "warmup_s": ours_warm,
+            "ours_tok_s": tokens / ours, "naive_tok_s": tokens / theirs, "mfu": flops / ours / peak_bf16,
+            "model_tflops": flops / ours / 1e12}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["cpu-demo", "seed-26m"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
+    print(f"machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
+    print(f"matmul peak: bf16 {peak_bf16 / 1e12:.2f} TFLOP/s, fp32 {peak_fp32 / 1e12:.2f} TFLOP/s "
+          f"(autocast dtype here: {str(pick_dtype('auto', torch.device('cpu'))).removeprefix('torch.')})")
+    for preset in args.presets:
+        r = bench_preset(preset, args.steps, args.warmup, peak_bf16)
+        print(f"{preset:<10} {r['params'] / 1e6:.1f}M params, {r['tokens_per_step']:,} tokens/step, {r['dtype']}"
+              f"{' + compile' if r['compile'] else ''}: tinylm {r['ours_tok_s']:,.0f} tok/s vs naive {r['naive_tok_s']:,.0f} "
+              f"tok/s = {r['ours_tok_s'] / r['naive_tok_s']:.2f}x | {r['model_tflops']:.2f} TFLOP/s = MFU {r['mfu']:.0%} of the "
+              f"bf16 peak | first {args.warmup} steps (compile) {r['warmup_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
