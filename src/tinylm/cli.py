@@ -30,6 +30,7 @@ VERBS = {
     "serve": "OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions; GET /v1/models)",
     "web": "Streamlit chat page in the browser",
     "info": "describe a checkpoint (size, config, training state)",
+    "export": "write a checkpoint as a Hugging Face LlamaForCausalLM directory",
     "presets": "list the config presets",
     "config-help": "list every config field with its meaning",
 }
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p = {name: sub.add_parser(name, parents=[common], help=text, description=text) for name, text in VERBS.items()}
     p["shards"].add_argument("--tokenizer", required=True, help="tokenizer directory")
     p["pretrain"].add_argument("--shards", required=True, help="shard directory (its meta.json names the tokenizer)")
-    for verb in ("generate", "chat", "info", "sft", "serve", "web"):
+    for verb in ("generate", "chat", "info", "sft", "serve", "web", "export"):
         p[verb].add_argument("checkpoint", help="checkpoint, stage or run directory")
     p["generate"].add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: sample.prompts)")
     for verb in ("generate", "chat", "serve", "web"):
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p["serve"].add_argument("--api-key", default=os.environ.get("TINYLM_API_KEY"), help="require this bearer key (default: $TINYLM_API_KEY)")
     p["serve"].add_argument("--model-name", default="tinylm", help="the model id clients pass")
     p["chat"].add_argument("--system", default="", help="system message")
+    p["export"].add_argument("--format", choices=["hf"], default="hf", help="hf: transformers LlamaForCausalLM")
     return parser
 
 
@@ -220,6 +222,14 @@ def cmd_web(args, overrides) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_export(args, overrides) -> int:
+    from .export import export_hf
+
+    out = export_hf(args.checkpoint, args.out or "export/hf")
+    print(f"exported to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 def cmd_info(args, overrides) -> int:
     from .checkpoint import find_checkpoint
     from .io import read_json
@@ -248,7 +258,7 @@ def cmd_config_help(args, overrides) -> int:
 
 
 COMMANDS = {"run": cmd_run, "collect": cmd_collect, "clean": cmd_clean, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "sft": cmd_sft,
-            "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "web": cmd_web, "info": cmd_info, "presets": cmd_presets,
+            "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "web": cmd_web, "info": cmd_info, "export": cmd_export, "presets": cmd_presets,
             "config-help": cmd_config_help}
 
 if __name__ == "__main__":
