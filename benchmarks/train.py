@@ -3,7 +3,7 @@
     python benchmarks/train.py --presets cpu-demo seed-26m
 
 For each preset, at the preset's sizes and micro-batch:
-  - tinylm: the real training step (`train._accumulate_and_step`) with the preset's settings
+  - tinylm: the real training step (`train.Stepper`) with the preset's settings
     (bf16 autocast where the CPU has bf16 instructions, SDPA attention, torch.compile where the
     preset turns it on, foreach/fused AdamW);
   - naive: a LLaMA-style model written here like the seeds write it (explicit causal mask and
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from tinylm.config import load_config
 from tinylm.model import Transformer
-from tinylm.train import _accumulate_and_step, build_optimizer, pick_dtype, setup_runtime
+from tinylm.train import Stepper, build_optimizer, pick_dtype, setup_runtime
 
 
 # --- the naive reference ---------------------------------------------------------------------------
@@ -140,8 +140,8 @@ def bench_preset(preset: str, steps: int, warmup: int, peak_bf16: float) -> dict
     optimizer = build_optimizer(model, tc, rt.device)
     wrapped = torch.compile(model) if tc.compile else model
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    ours_warm, ours = time_steps(lambda: _accumulate_and_step(wrapped, model, optimizer, scaler, batches, rt, tc),
-                                 steps, warmup)
+    step = Stepper(wrapped, model, optimizer, scaler, rt, tc)
+    ours_warm, ours = time_steps(lambda: step(batches), steps, warmup)
     del model, optimizer, wrapped
 
     torch.manual_seed(0)

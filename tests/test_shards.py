@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tinylm.config import DataConfig
-from tinylm.corpus import CorpusError, Document, is_validation, read_documents
+from tinylm.corpus import CorpusError, Document, is_validation, read_documents, split_documents
 from tinylm.data import PackedBatches
 from tinylm.io import read_json
 from tinylm.shards import build_shards, load_split
@@ -20,6 +20,24 @@ def _docs(n=120):
     return [Document(s.strip(), f"story{i}") for i, s in enumerate(stories[:n]) if s.strip()]
 
 
+def with_split(docs, fraction):
+    return ((d, is_validation(d.text, fraction)) for d in docs)
+
+
+def test_tail_split_holds_out_the_end_of_the_text(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(f"Paragraph {i}. " + "words " * 40 for i in range(100)))
+    cfg = DataConfig(corpus=[str(book)], txt_chunk_chars=500, val_fraction=0.1, val_split="tail")
+    pairs = list(split_documents(cfg))
+    flags = [held_out for _, held_out in pairs]
+    assert flags == sorted(flags)  # every training document comes before every validation one
+    val_chars = sum(len(d.text) for d, held_out in pairs if held_out)
+    assert 0.08 < val_chars / sum(len(d.text) for d, _ in pairs) <= 0.12
+    assert "Paragraph 99." in pairs[-1][0].text and pairs[-1][1]
+    with pytest.raises(CorpusError, match="val_split"):
+        list(split_documents(DataConfig(corpus=[str(book)], val_split="random")))
+
+
 def _split_tokens(folder, split):
     arrays, _ = load_split(folder, split)
     return np.concatenate(arrays) if arrays else np.array([], dtype=np.int64)
@@ -28,7 +46,7 @@ def _split_tokens(folder, split):
 def test_shards_hold_every_document_once_in_order(prepared, tokenizer, tmp_path):
     docs = _docs()
     cfg = DataConfig(shard_tokens=5000, workers=2, val_fraction=0.2)
-    meta = build_shards(iter(docs), prepared["tokenizer"], tmp_path / "s", cfg, progress=False)
+    meta = build_shards(with_split(docs, 0.2), prepared["tokenizer"], tmp_path / "s", cfg, progress=False)
     assert len(meta["splits"]["train"]["files"]) > 1  # several shard files
     for split, want_val in (("train", False), ("val", True)):
         expected = [t for d in docs if is_validation(d.text, 0.2) == want_val for t in tokenizer.encode_document(d.text)]
@@ -39,8 +57,8 @@ def test_shards_hold_every_document_once_in_order(prepared, tokenizer, tmp_path)
 
 def test_parallel_sharding_equals_single_process(prepared, tmp_path):
     docs = _docs(200)
-    one = build_shards(iter(docs), prepared["tokenizer"], tmp_path / "one", DataConfig(workers=1), progress=False)
-    two = build_shards(iter(docs), prepared["tokenizer"], tmp_path / "two", DataConfig(workers=2), progress=False)
+    one = build_shards(with_split(docs, 0.05), prepared["tokenizer"], tmp_path / "one", DataConfig(workers=1), progress=False)
+    two = build_shards(with_split(docs, 0.05), prepared["tokenizer"], tmp_path / "two", DataConfig(workers=2), progress=False)
     assert one["splits"] == two["splits"]
     for split in ("train", "val"):
         assert np.array_equal(_split_tokens(tmp_path / "one", split), _split_tokens(tmp_path / "two", split))
@@ -90,11 +108,11 @@ def test_invalid_utf8_names_the_line(tmp_path):
 MEMORY_PROBE = textwrap.dedent("""
     import resource, sys
     from tinylm.config import DataConfig
-    from tinylm.corpus import read_documents
+    from tinylm.corpus import split_documents
     from tinylm.shards import build_shards
     corpus, tokenizer, out = sys.argv[1:4]
     cfg = DataConfig(corpus=[corpus], shard_tokens=2_000_000, workers=2)
-    meta = build_shards(read_documents(cfg), tokenizer, out, cfg, progress=False)
+    meta = build_shards(split_documents(cfg), tokenizer, out, cfg, progress=False)
     # ru_maxrss of this process survives exec from the (large) test process, so read VmHWM instead
     status = open("/proc/self/status").read()
     own_peak_kb = int(status.split("VmHWM:")[1].split()[0])

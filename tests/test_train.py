@@ -179,3 +179,27 @@ def test_a_run_of_non_finite_steps_stops_with_the_last_checkpoint_kept(prepared,
         pretrain(_cfg(prepared, **{"train.max_steps": 20, "train.save_every": 2}), prepared["shards"], tmp_path)
     assert latest_checkpoint(tmp_path).name == "step-0000004"
     load_checkpoint(latest_checkpoint(tmp_path))  # intact
+
+
+def test_out_of_memory_backs_off_to_smaller_pieces_with_the_same_result(prepared, tmp_path, monkeypatch, capsys):
+    """A simulated OOM for more than 2 training sequences at once: the step is redone in pieces of 2."""
+    from tinylm.model import Transformer
+
+    cfg = _cfg(prepared, **{"train.max_steps": 6, "train.save_every": 0, "train.eval_every": 0, "train.batch_size": 8,
+                            "train.dtype": "fp32"})  # bf16 rounding would differ between piece sizes
+    pretrain(cfg, prepared["shards"], tmp_path / "plain")
+    forward = Transformer.forward
+    calls = []
+
+    def small_memory(self, idx, targets=None, cache=None):
+        calls.append(idx.shape[0])
+        if self.training and idx.shape[0] > 2:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return forward(self, idx, targets, cache)
+
+    monkeypatch.setattr(Transformer, "forward", small_memory)
+    pretrain(cfg, prepared["shards"], tmp_path / "small")
+    assert calls[:4] == [8, 4, 2, 2] and "in 4 pieces of 2" in (tmp_path / "small" / "train.log").read_text()
+    a = _weights(latest_checkpoint(tmp_path / "plain"))
+    b = _weights(latest_checkpoint(tmp_path / "small"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # same sequences, same updates

@@ -45,6 +45,25 @@ def is_validation(text: str, fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
+def split_documents(cfg: DataConfig) -> Iterator[tuple[Document, bool]]:
+    """Every document of the corpus with its split (True = validation), decided before any training.
+
+    "hash" keeps a document's split whatever else changes in the corpus; "tail" holds out the
+    documents that start in the last val_fraction of the text (two passes: one counts characters).
+    """
+    if cfg.val_split == "hash":
+        for doc in read_documents(cfg):
+            yield doc, is_validation(doc.text, cfg.val_fraction)
+    elif cfg.val_split == "tail":
+        cut = (1 - cfg.val_fraction) * sum(len(doc.text) for doc in read_documents(cfg))
+        seen = 0
+        for doc in read_documents(cfg):
+            yield doc, cfg.val_fraction > 0 and seen >= cut
+            seen += len(doc.text)
+    else:
+        raise CorpusError(f"data.val_split must be 'hash' or 'tail', not {cfg.val_split!r}")
+
+
 def _suffix(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
@@ -193,7 +212,7 @@ def files_fingerprint(paths: list[str]) -> list[dict]:
 
 def corpus_fingerprint(cfg: DataConfig) -> dict:
     return {"inputs": files_fingerprint(cfg.corpus), "text_fields": cfg.text_fields, "doc_separator": cfg.doc_separator,
-            "txt_chunk_chars": cfg.txt_chunk_chars, "val_fraction": cfg.val_fraction}
+            "txt_chunk_chars": cfg.txt_chunk_chars, "val_fraction": cfg.val_fraction, "val_split": cfg.val_split}
 
 
 # --- the built-in corpus: real English conversations from two PyPI packages -------------------

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from .config import Config, to_toml
-from .corpus import corpus_fingerprint, files_fingerprint, is_validation, read_documents
+from .corpus import corpus_fingerprint, files_fingerprint, read_documents, split_documents
 from .io import hash_json, read_json, write_json, write_text
 from .shards import build_shards
 from .tokenizer import Tokenizer, bytes_per_token, train_tokenizer
@@ -36,13 +36,13 @@ def tokenizer_stage(cfg: Config, out_dir: str | Path, force: bool = False, progr
         say(f"tokenizer: up to date in {out_dir}")
         return out_dir
     say(f"tokenizer: training {cfg.tokenizer.kind} with {cfg.tokenizer.vocab_size} tokens on {', '.join(cfg.data.corpus)}")
-    train_texts = (d.text for d in read_documents(cfg.data) if not is_validation(d.text, cfg.data.val_fraction))
+    train_texts = (d.text for d, held_out in split_documents(cfg.data) if not held_out)
     tok = train_tokenizer(train_texts, cfg.tokenizer, show_progress=progress)
     held_out = []
-    for d in read_documents(cfg.data):
+    for d, is_held_out in split_documents(cfg.data):
         if len(held_out) >= cfg.tokenizer.held_out_docs:
             break
-        if is_validation(d.text, cfg.data.val_fraction):
+        if is_held_out:
             held_out.append(d.text)
     compression = bytes_per_token(tok, held_out)
     tok.save(out_dir, model_max_length=cfg.model.max_seq_len,
@@ -65,7 +65,7 @@ def shards_stage(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path, fo
         say(f"shards: up to date in {out_dir}")
         return out_dir
     say(f"shards: tokenizing {', '.join(cfg.data.corpus)}")
-    meta = build_shards(read_documents(cfg.data), tokenizer_dir, out_dir, cfg.data, progress=progress,
+    meta = build_shards(split_documents(cfg.data), tokenizer_dir, out_dir, cfg.data, progress=progress,
                         extra_meta={"inputs_hash": inputs_hash, "tokenizer_dir": str(tokenizer_dir.resolve()),
                                     "config": data_settings})
     write_text(out_dir / "config.toml", to_toml(cfg))

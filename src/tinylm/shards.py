@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import DataConfig
-from .corpus import Document, is_validation
+from .corpus import Document
 from .io import atomic_dir, read_json, write_json
 from .tokenizer import Tokenizer
 
@@ -52,10 +52,10 @@ def _encode_batch(texts_and_splits: list[tuple[str, bool]]) -> dict:
     return out
 
 
-def _batches(docs: Iterable[Document], val_fraction: float) -> Iterator[list[tuple[str, bool]]]:
+def _batches(docs: Iterable[tuple[Document, bool]]) -> Iterator[list[tuple[str, bool]]]:
     batch, size = [], 0
-    for doc in docs:
-        batch.append((doc.text, is_validation(doc.text, val_fraction)))
+    for doc, held_out in docs:
+        batch.append((doc.text, held_out))
         size += len(doc.text)
         if size >= BATCH_CHARS:
             yield batch
@@ -130,9 +130,9 @@ def run_in_pool(batches: Iterator, fn, initializer, initargs: tuple, workers: in
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
-def build_shards(docs: Iterable[Document], tokenizer_dir: str | Path, out_dir: str | Path, cfg: DataConfig,
+def build_shards(docs: Iterable[tuple[Document, bool]], tokenizer_dir: str | Path, out_dir: str | Path, cfg: DataConfig,
                  extra_meta: dict | None = None, progress: bool = True) -> dict:
-    """Tokenize a stream of documents into train/val shards under out_dir; returns the meta."""
+    """Tokenize a stream of (document, is validation) pairs into train/val shards under out_dir; returns the meta."""
     tokenizer_dir = Path(tokenizer_dir)
     tok = Tokenizer.load(tokenizer_dir)
     dtype = token_dtype(tok.vocab_size)
@@ -140,7 +140,7 @@ def build_shards(docs: Iterable[Document], tokenizer_dir: str | Path, out_dir: s
     with atomic_dir(out_dir) as tmp:
         writers = {s: ShardWriter(tmp, s, cfg.shard_tokens, dtype) for s in SPLITS}
         bar = tqdm(desc="shards", unit="tok", unit_scale=True, disable=not progress or None)
-        batches = _batches(docs, cfg.val_fraction)
+        batches = _batches(docs)
         for result in run_in_pool(batches, _encode_batch, _init_worker, (str(tokenizer_dir),), workers):
             for split, part in result.items():
                 writers[split].write(part["ids"])

@@ -46,6 +46,9 @@ class Tokenizer:
 
     def __init__(self, backend: HFTokenizer, kind: str = "bpe", sp_model: bytes | None = None):
         self.backend = backend
+        # text is text: "<|assistant|>" typed by a user is encoded as characters, never as the role
+        # token (a runtime flag, not saved: transformers still reads special tokens in its templates)
+        self.backend.encode_special_tokens = True
         self.kind = kind
         self.sp_model = sp_model  # the original SentencePiece model, kept beside tokenizer.json
         ids = {tok: backend.token_to_id(tok) for tok in SPECIAL_TOKENS}

@@ -215,6 +215,7 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
             out["val_bpb"] = round(val_loss / math.log(2) / bytes_per_token, 5)
         return out
 
+    step = Stepper(wrapped, model, optimizer, scaler, rt, tc, say=log.line)
     bar = tqdm(total=total_steps, initial=progress.step, desc=stage, unit="step", disable=not rt.is_main or None,
                dynamic_ncols=True, leave=False)
     wrapped.train()
@@ -224,7 +225,7 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
         lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_value, grad_norm = _accumulate_and_step(wrapped, model, optimizer, scaler, train_batches, rt, tc)
+        loss_value, grad_norm = step(train_batches)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             _skip_nonfinite(progress, log, loss_value)
             continue
@@ -268,39 +269,67 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
     return summary
 
 
-def _accumulate_and_step(wrapped, model, optimizer, scaler, batches, rt: Runtime, tc: TrainConfig) -> tuple[float, float]:
-    """grad_accum micro-batches (ranks sync gradients on the last one only), clip, optimizer step.
+class Stepper:
+    """One optimizer step: grad_accum micro-batches (ranks sync gradients on the last one only), clip, step.
 
     The loss is the mean over every target token of the global batch (all micro-batches, all
     ranks), so micro-batches and ranks holding fewer SFT answer tokens weigh less, exactly as one
-    big batch would. Returns (mean loss, gradient norm); a non-finite one skips the update.
+    big batch would. On out-of-memory (one process) the step is redone with every micro-batch run
+    in twice as many pieces: the same sequences, the same update, less memory at once.
     """
-    micro_batches = [batches.next_batch() for _ in range(tc.grad_accum)]
-    counts = [int((y != -100).sum()) for _, y in micro_batches]
-    total = float(sum(counts))
-    if rt.world > 1:
-        global_count = torch.tensor(total, device=rt.device, dtype=torch.float64)
-        dist.all_reduce(global_count)
-        total = global_count.item()
-    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
-    for micro, ((x, y), count) in enumerate(zip(micro_batches, counts)):
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        sync = micro == tc.grad_accum - 1 or rt.world == 1
-        with (contextlib.nullcontext() if sync else wrapped.no_sync()), rt.autocast():
-            _, loss = wrapped(x, y)  # mean over this micro-batch's targets
-        weight = count * rt.world / total  # DDP averages over ranks: undo it, then weigh by tokens
-        scaler.scale(loss * weight).backward()
-        loss_sum += loss.detach().double() * count
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-    if rt.world > 1:
-        dist.all_reduce(loss_sum)
-    loss_value, norm_value = (loss_sum / total).item(), grad_norm.item()  # the one host sync per step
-    if math.isfinite(loss_value) and math.isfinite(norm_value):
-        scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value
+
+    def __init__(self, wrapped, model, optimizer, scaler, rt: Runtime, tc: TrainConfig, say: Callable = print):
+        self.wrapped, self.model, self.optimizer, self.scaler, self.rt, self.tc = wrapped, model, optimizer, scaler, rt, tc
+        self.pieces = 1
+        self.say = say
+
+    def __call__(self, batches) -> tuple[float, float]:
+        """Returns (mean loss, gradient norm); a non-finite one skips the update."""
+        micro_batches = [batches.next_batch() for _ in range(self.tc.grad_accum)]
+        while True:
+            try:
+                return self._step(micro_batches)
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                rows = micro_batches[0][0].shape[0]
+                if self.rt.world > 1 or self.pieces >= rows:  # ranks cannot agree on a retry mid-step
+                    raise
+                self.pieces *= 2
+                if self.rt.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.say(f"out of memory: running each micro-batch of {rows} sequences in {self.pieces} pieces "
+                         f"of {math.ceil(rows / self.pieces)} (set train.batch_size lower to skip this)")
+
+    def _step(self, micro_batches) -> tuple[float, float]:
+        rt, tc = self.rt, self.tc
+        pieces = [(x, y) for xb, yb in micro_batches
+                  for x, y in zip(torch.tensor_split(xb, self.pieces), torch.tensor_split(yb, self.pieces)) if len(x)]
+        counts = [int((y != -100).sum()) for _, y in pieces]
+        total = float(sum(counts))
+        if rt.world > 1:
+            global_count = torch.tensor(total, device=rt.device, dtype=torch.float64)
+            dist.all_reduce(global_count)
+            total = global_count.item()
+        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+        for i, ((x, y), count) in enumerate(zip(pieces, counts)):
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            sync = i == len(pieces) - 1 or rt.world == 1
+            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), rt.autocast():
+                _, loss = self.wrapped(x, y)  # mean over this piece's targets
+            weight = count * rt.world / total  # DDP averages over ranks: undo it, then weigh by tokens
+            self.scaler.scale(loss * weight).backward()
+            loss_sum += loss.detach().double() * count
+        self.scaler.unscale_(self.optimizer)
+        clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if rt.world > 1:
+            dist.all_reduce(loss_sum)
+        loss_value, norm_value = (loss_sum / total).item(), grad_norm.item()  # the one host sync per step
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value
 
 
 def _restore(ckpt: Path, model, optimizer, scaler, train_batches, rt: Runtime, tokenizer_dir) -> Progress:
