@@ -31,6 +31,8 @@ def test_pretraining_lowers_validation_loss(prepared, tmp_path):
     assert len(val) == 20 and val[0] > uniform - 0.5 and val[-1] < uniform - 1.0 and val[-1] < val[0] - 1.0
     assert all(math.isfinite(r["val_bpb"]) for r in records if "val_bpb" in r)
     assert summary["steps"] == 60 and (tmp_path / "config.toml").is_file()
+    log = (tmp_path / "train.log").read_text()
+    assert "activations per micro-batch" in log and log.count("pace: ") == 1
 
 
 def test_resumed_run_ends_with_the_same_weights(prepared, tmp_path):

@@ -220,6 +220,7 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
                dynamic_ncols=True, leave=False)
     wrapped.train()
     last_saved = progress.step if resume_from else -1
+    steps_run = 0
     while fraction_done(progress, tc, total_steps) < 1.0:
         t0 = time.perf_counter()
         lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc)
@@ -231,6 +232,7 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
             continue
         progress.nonfinite_in_row = 0
         progress.step += 1
+        steps_run += 1
         progress.tokens += tokens_per_step
         dt = time.perf_counter() - t0
         if rt.world > 1 and tc.max_time:  # every rank must agree on when time is up
@@ -246,6 +248,8 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
         if (tc.eval_every and progress.step % tc.eval_every == 0) or finished:
             record.update(run_eval())
         if rt.is_main:
+            if steps_run == PACE_AFTER:
+                log.line(_pace(progress, tc, total_steps, tokens_per_step, dt))
             bar.update(1)
             remaining = _eta(progress, tc, total_steps)
             show = progress.step % tc.log_every == 0 or finished or "val_loss" in record or progress.step == 1
@@ -372,14 +376,39 @@ def _eta(progress: Progress, tc: TrainConfig, total_steps: int | None) -> float:
     return progress.elapsed * (1 - done) / done if done > 0 else float("nan")
 
 
+def estimate_memory(model: Transformer, tc: TrainConfig, rt: Runtime) -> tuple[float, float]:
+    """(bytes of weights + gradients + Adam moments, bytes of activations of one micro-batch): rough."""
+    c = model.cfg
+    states = model.num_params() * (4 + 4 + 8)  # fp32 weights and gradients, two fp32 moments
+    rows = tc.batch_size * c.max_seq_len
+    width = 2 if rt.dtype != torch.float32 else 4
+    per_layer = 10 * c.dim + 3 * c.hidden_dim + 2 * c.kv_heads * c.head_dim  # tensors saved for backward
+    logits = c.vocab_size * (width + 4 + 4)  # logits, their fp32 copy for the loss, its gradient
+    return states, rows * (c.n_layers * per_layer * width + logits)
+
+
 def _preflight(model: Transformer, rt: Runtime, tokens_per_step: int, total_steps, tc: TrainConfig,
                resume_from, stage: str) -> str:
     n = model.num_params()
     limit = f"{total_steps} steps" if total_steps else ""
     if tc.max_time:
         limit += (" or " if limit else "") + f"{format_duration(tc.max_time)}"
-    mem = n * (4 + 4 + 8) / 2**20  # weights, grads, Adam moments (fp32)
+    states, activations = estimate_memory(model, tc, rt)
     where = f"resuming from {resume_from.name}" if resume_from else "from scratch" if not tc.init_from else f"from {tc.init_from}"
     return (f"{stage}: {n:,} parameters ({model.num_params(embeddings=False):,} without embeddings) | "
             f"{rt.device} {str(rt.dtype).replace('torch.', '')} x{rt.world} | {tokens_per_step:,} tokens/step | "
-            f"{limit} | ~{mem:.0f} MiB weights+optimizer | {where}")
+            f"{limit} | memory ~{states / 2**20:,.0f} MiB weights+optimizer + ~{activations / 2**20:,.0f} MiB "
+            f"activations per micro-batch | {where}")
+
+
+PACE_AFTER = 3  # steps: the first ones include compilation and warm-up
+
+
+def _pace(progress: Progress, tc: TrainConfig, total_steps: int | None, tokens_per_step: int, dt: float) -> str:
+    """The time-to-finish estimate, once the first steps have been timed."""
+    remaining_steps = (total_steps - progress.step) if total_steps else float("inf")
+    seconds = remaining_steps * dt
+    if tc.max_time:
+        seconds = min(seconds, tc.max_time - progress.elapsed)
+    return (f"pace: {tokens_per_step / dt:,.0f} tokens/s ({dt:.2f} s/step) -> about {format_duration(seconds)} "
+            f"to finish")
