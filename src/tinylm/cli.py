@@ -31,6 +31,7 @@ VERBS = {
     "web": "Streamlit chat page in the browser",
     "info": "describe a checkpoint (size, config, training state)",
     "export": "write a checkpoint as a Hugging Face LlamaForCausalLM directory",
+    "eval": "bits-per-byte, BLiMP minimal pairs and multiple-choice accuracy of a checkpoint -> CKPT/eval.json",
     "presets": "list the config presets",
     "config-help": "list every config field with its meaning",
 }
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p = {name: sub.add_parser(name, parents=[common], help=text, description=text) for name, text in VERBS.items()}
     p["shards"].add_argument("--tokenizer", required=True, help="tokenizer directory")
     p["pretrain"].add_argument("--shards", required=True, help="shard directory (its meta.json names the tokenizer)")
-    for verb in ("generate", "chat", "info", "sft", "serve", "web", "export"):
+    for verb in ("generate", "chat", "info", "sft", "serve", "web", "export", "eval"):
         p[verb].add_argument("checkpoint", help="checkpoint, stage or run directory")
     p["generate"].add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: sample.prompts)")
     for verb in ("generate", "chat", "serve", "web"):
@@ -57,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     p["serve"].add_argument("--api-key", default=os.environ.get("TINYLM_API_KEY"), help="require this bearer key (default: $TINYLM_API_KEY)")
     p["serve"].add_argument("--model-name", default="tinylm", help="the model id clients pass")
     p["chat"].add_argument("--system", default="", help="system message")
+    p["eval"].add_argument("--text", action="append", default=[], help="text corpus (any corpus format) for bits-per-byte")
+    p["eval"].add_argument("--blimp", action="append", default=[], help="JSONL of sentence_good / sentence_bad pairs")
+    p["eval"].add_argument("--choice", action="append", default=[], help="JSONL of HellaSwag (ctx, endings, label) or ARC items")
+    p["eval"].add_argument("--shards", default=None, help="shard folder: bits-per-byte of its validation split")
+    p["eval"].add_argument("--max-items", type=int, default=0, help="score at most this many items per task file")
     p["export"].add_argument("--format", choices=["hf"], default="hf", help="hf: transformers LlamaForCausalLM")
     return parser
 
@@ -230,6 +236,19 @@ def cmd_export(args, overrides) -> int:
     return 0
 
 
+def cmd_eval(args, overrides) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint, args.text, args.blimp, args.choice, args.shards, args.max_items)
+    for name, r in results.items():
+        if "bits_per_byte" in r:
+            print(f"{name}: {r['bits_per_byte']:.4f} bits/byte, loss {r['loss']:.4f} over {r['tokens']:,} tokens")
+        for label, acc in ([("", r)] if "accuracy" in r else [(f" {k}", v) for k, v in r.items() if isinstance(v, dict) and "accuracy" in v]):
+            print(f"{name}{label}: accuracy {acc['accuracy']:.4f} (95% CI {acc['ci95'][0]:.3f}-{acc['ci95'][1]:.3f}, "
+                  f"n={acc['n']:,}, chance {acc['chance']:.3f})")
+    return 0
+
+
 def cmd_info(args, overrides) -> int:
     from .checkpoint import find_checkpoint
     from .io import read_json
@@ -258,7 +277,7 @@ def cmd_config_help(args, overrides) -> int:
 
 
 COMMANDS = {"run": cmd_run, "collect": cmd_collect, "clean": cmd_clean, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "sft": cmd_sft,
-            "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "web": cmd_web, "info": cmd_info, "export": cmd_export, "presets": cmd_presets,
+            "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "web": cmd_web, "info": cmd_info, "export": cmd_export, "eval": cmd_eval, "presets": cmd_presets,
             "config-help": cmd_config_help}
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""Evaluation: scores against hand-computed references and cases whose answer is known."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinylm.config import ModelConfig
+from tinylm.evaluate import (bits_per_byte, continuation_logprobs, minimal_pairs, multiple_choice,
+                             wilson_interval)
+from tinylm.model import Transformer
+
+from conftest import SHARED, tiny_config
+
+
+def uniform_model(vocab: int) -> Transformer:
+    """Zero output weights: every token gets probability 1/vocab whatever came before."""
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, max_seq_len=32, vocab_size=vocab, tie_embeddings=False))
+    torch.nn.init.zeros_(model.output.weight)
+    return model.eval()
+
+
+def test_wilson_interval_known_values():
+    low, high = wilson_interval(5, 10)
+    assert (round(low, 3), round(high, 3)) == (0.237, 0.763)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+
+
+def test_batched_padded_scoring_equals_one_sequence_at_a_time():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16, vocab_size=50)).eval()
+    pairs = [([1, 2, 3], [4, 5]), ([7], [8, 9, 10, 11, 12]), (list(range(1, 15)), [20, 21, 22, 23])]  # the last overflows
+    fast = continuation_logprobs(model, pairs, batch_size=3)
+    for (ctx, cont), got in zip(pairs, fast):
+        seq = (ctx + cont)[-17:]
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([seq[:-1]]))[0][0].float(), -1)
+        n = min(len(cont), len(seq) - 1)
+        expected = sum(logp[i - 1, seq[i]].item() for i in range(len(seq) - n, len(seq)))
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_per_token(tokenizer):
+    model = uniform_model(tokenizer.vocab_size)
+    texts = ["Once upon a time there was a cat. " * 9, "Héllo wörld, ça va?"]  # the first spans several windows
+    result = bits_per_byte(model, tokenizer, texts)
+    tokens = sum(len(tokenizer.encode_document(t)) - 1 for t in texts)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert result["tokens"] == tokens and result["bytes"] == n_bytes
+    assert result["bits_per_byte"] == pytest.approx(math.log2(tokenizer.vocab_size) * tokens / n_bytes, rel=1e-4)
+
+
+def test_minimal_pairs_with_a_known_answer(tokenizer):
+    """A uniform model prefers the sentence with fewer tokens, so these answers are known."""
+    model = uniform_model(tokenizer.vocab_size)
+    rows = [{"sentence_good": "The cat sat.", "sentence_bad": "The cat sat sat sat sat.", "UID": "short_wins"},
+            {"sentence_good": "The dog ran and ran and ran.", "sentence_bad": "The dog ran.", "UID": "long_loses"}]
+    result = minimal_pairs(model, tokenizer, rows)
+    assert result["accuracy"] == 0.5 and result["n"] == 2 and result["chance"] == 0.5
+    assert result["by_phenomenon"]["short_wins"]["accuracy"] == 1.0
+    assert result["by_phenomenon"]["long_loses"]["accuracy"] == 0.0
+    with pytest.raises(ValueError, match=r"bench.jsonl:1: needs string fields"):
+        minimal_pairs(model, tokenizer, [{"sentence_good": "x"}], "bench.jsonl")
+
+
+def test_multiple_choice_raw_and_length_normalised(tokenizer):
+    model = uniform_model(tokenizer.vocab_size)
+    short, long = "ran.", "ran away into the forest and was never seen again."
+    rows = [{"ctx": "The dog", "endings": [long, short], "label": 1},  # HellaSwag fields
+            {"question": "The dog", "choices": {"text": [short, long], "label": ["A", "B"]}, "answerKey": "A"}]  # ARC
+    result = multiple_choice(model, tokenizer, rows)
+    assert result["raw"]["accuracy"] == 1.0 and result["raw"]["chance"] == 0.5  # fewer tokens: the short ending
+    # per byte, the uniform model prefers the ending with more bytes per token
+    long_per_byte = len(tokenizer.encode(" " + long)) / len((" " + long).encode())
+    short_per_byte = len(tokenizer.encode(" " + short)) / len((" " + short).encode())
+    assert result["length_normalised"]["accuracy"] == (0.0 if long_per_byte < short_per_byte else 1.0)
+
+
+def test_eval_verb_on_a_trained_checkpoint(prepared, tmp_path, capsys):
+    from tinylm.cli import main
+    from tinylm.pipeline import pretrain
+
+    cfg = tiny_config(prepared["cfg"].data.corpus[0], **{"train.max_steps": 10})
+    ckpt = pretrain(cfg, prepared["shards"], tmp_path / "pretrain")["checkpoint"]
+    blimp = tmp_path / "blimp.jsonl"
+    blimp.write_text("".join(open(SHARED / "blimp_dev.jsonl").readlines()[:20]))
+    args = ["eval", ckpt, "--blimp", str(blimp), "--choice", str(SHARED / "hellaswag_dev.jsonl"), "--max-items", "10",
+            "--shards", str(prepared["shards"])]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "pretrain" / "checkpoints" / "step-0000010" / "eval.json").read_text())
+    assert results["blimp:blimp.jsonl"]["n"] == 10 and results["choice:hellaswag_dev.jsonl"]["raw"]["n"] == 10
+    assert results["validation_shards"]["bits_per_byte"] > 0
+    assert "accuracy" in capsys.readouterr().out
