@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,3 +62,51 @@ def test_exported_directory_loads_with_auto_classes(checkpoint, tmp_path):
         torch.testing.assert_close(hf(torch.tensor([ours])).logits, model.eval()(torch.tensor([ours]))[0],
                                    atol=1e-4, rtol=1e-4)
     assert "parameters" in (out / "README.md").read_text()
+
+
+def test_gguf_reads_back_with_the_right_tensors_and_metadata(checkpoint, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from tinylm.cli import main
+    from tinylm.export import rope_halves_to_pairs
+
+    assert main(["export", str(checkpoint), "--format", "gguf", "--out", str(tmp_path / "g")]) == 0
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    model, tok, _ = load_checkpoint(checkpoint)
+    c = model.cfg
+
+    def field(name):
+        f = reader.fields[name]
+        return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]]
+
+    assert field("general.architecture") == "llama"
+    assert field("llama.block_count") == c.n_layers and field("llama.context_length") == c.max_seq_len
+    assert field("llama.attention.head_count_kv") == c.kv_heads and field("llama.embedding_length") == c.dim
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == tok.vocab_size and tokens[tok.end_id] == "<|end|>"
+    assert field("tokenizer.ggml.eos_token_id") == tok.end_id
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 2 + (0 if c.tie_embeddings else 1) + 9 * c.n_layers
+    embd = tensors["token_embd.weight"]
+    assert list(reversed(embd.shape.tolist())) == [c.vocab_size, c.dim]  # GGUF lists dimensions innermost first
+    assert np.array_equal(np.asarray(embd.data).reshape(c.vocab_size, c.dim), model.tok_embeddings.weight.detach().numpy())
+    q = np.asarray(tensors["blk.0.attn_q.weight"].data).reshape(c.n_heads * c.head_dim, c.dim)
+    expected = rope_halves_to_pairs(model.layers[0].attn.wq.weight.detach(), c.n_heads).numpy()
+    assert np.array_equal(q, expected) and not np.array_equal(q, model.layers[0].attn.wq.weight.detach().numpy())
+    assert "<|end|>" in (tmp_path / "g" / "Modelfile").read_text()
+
+
+def test_rope_reordering_matches_the_rotation():
+    """Rotating adjacent pairs of the reordered rows equals rotating halves of the original ones."""
+    from tinylm.export import rope_halves_to_pairs
+    from tinylm.model import apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    heads, head_dim, dim = 2, 8, 16
+    w, x = torch.randn(heads * head_dim, dim), torch.randn(5, dim)
+    cos, sin = rope_tables(head_dim, 5, 10000.0)
+    ours = apply_rope((x @ w.T).view(5, heads, head_dim).transpose(0, 1), cos, sin)  # (H, T, D), halves
+    pairs = (x @ rope_halves_to_pairs(w, heads).T).view(5, heads, head_dim // 2, 2).transpose(0, 1)
+    c, s = cos[:, : head_dim // 2], sin[:, : head_dim // 2]
+    rotated = torch.stack([pairs[..., 0] * c - pairs[..., 1] * s, pairs[..., 0] * s + pairs[..., 1] * c], dim=-1)
+    reordered = torch.cat([rotated[..., 0], rotated[..., 1]], dim=-1)  # back to halves order to compare
+    torch.testing.assert_close(reordered, ours)

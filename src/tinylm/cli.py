@@ -30,7 +30,7 @@ VERBS = {
     "serve": "OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions; GET /v1/models)",
     "web": "Streamlit chat page in the browser",
     "info": "describe a checkpoint (size, config, training state)",
-    "export": "write a checkpoint as a Hugging Face LlamaForCausalLM directory",
+    "export": "write a checkpoint as a Hugging Face LlamaForCausalLM directory or a GGUF file",
     "eval": "bits-per-byte, BLiMP minimal pairs and multiple-choice accuracy of a checkpoint -> CKPT/eval.json",
     "presets": "list the config presets",
     "config-help": "list every config field with its meaning",
@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     p["eval"].add_argument("--choice", action="append", default=[], help="JSONL of HellaSwag (ctx, endings, label) or ARC items")
     p["eval"].add_argument("--shards", default=None, help="shard folder: bits-per-byte of its validation split")
     p["eval"].add_argument("--max-items", type=int, default=0, help="score at most this many items per task file")
-    p["export"].add_argument("--format", choices=["hf"], default="hf", help="hf: transformers LlamaForCausalLM")
+    p["export"].add_argument("--format", choices=["hf", "gguf"], default="hf",
+                             help="hf: transformers LlamaForCausalLM; gguf: llama.cpp / Ollama (needs `pip install gguf`)")
     return parser
 
 
@@ -229,8 +230,12 @@ def cmd_web(args, overrides) -> int:
 
 
 def cmd_export(args, overrides) -> int:
-    from .export import export_hf
+    from .export import export_gguf, export_hf
 
+    if args.format == "gguf":
+        out = export_gguf(args.checkpoint, args.out or "export/gguf")
+        print(f"exported to {out / 'model.gguf'}; `ollama create mymodel -f {out / 'Modelfile'}` makes an Ollama model")
+        return 0
     out = export_hf(args.checkpoint, args.out or "export/hf")
     print(f"exported to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0

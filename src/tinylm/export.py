@@ -6,6 +6,7 @@ config.json. The tokenizer files (with the chat template) are copied from the ch
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -112,3 +113,90 @@ print(tok.decode(model.generate(ids, max_new_tokens=40)[0]))
 
 The licence is that of the training data; check it before sharing the weights.
 """
+
+
+# --- GGUF (llama.cpp, Ollama) ----------------------------------------------------------------------
+GGUF_LAYER_NAMES = {  # our per-layer module -> llama.cpp tensor name
+    "attn_norm": "attn_norm", "attn.wq": "attn_q", "attn.wk": "attn_k", "attn.wv": "attn_v", "attn.wo": "attn_output",
+    "ffn_norm": "ffn_norm", "ffn.w1": "ffn_gate", "ffn.w3": "ffn_up", "ffn.w2": "ffn_down",
+}
+
+MODELFILE = '''FROM ./model.gguf
+TEMPLATE """{{ if .System }}<|system|>{{ .System }}<|end|>{{ end }}{{ if .Prompt }}<|user|>{{ .Prompt }}<|end|>{{ end }}<|assistant|>{{ .Response }}<|end|>"""
+PARAMETER stop "<|end|>"
+PARAMETER temperature 0.8
+PARAMETER top_k 50
+PARAMETER top_p 0.95
+PARAMETER repeat_penalty 1.1
+'''
+
+
+def rope_halves_to_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's output rows from rotate-half order (HF, ours) to adjacent pairs (llama.cpp's llama).
+
+    Row i of the first half and row i of the second half of a head become rows 2i and 2i+1.
+    """
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def export_gguf(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """out_dir/model.gguf (fp32) and an example Ollama Modelfile; byte-level BPE tokenizers only."""
+    import gguf
+    import numpy as np
+
+    ckpt = find_checkpoint(checkpoint)
+    model, tok, _ = load_checkpoint(ckpt)
+    if tok.kind != "bpe":
+        raise ValueError(f"{ckpt}: GGUF export supports byte-level BPE tokenizers; this one is {tok.kind} "
+                         "(export --format hf works for every tokenizer)")
+    c = model.cfg
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        w = gguf.GGUFWriter(tmp / "model.gguf", arch="llama")
+        w.add_name(f"{ckpt.parent.parent.name}-{ckpt.name}")
+        w.add_context_length(c.max_seq_len)
+        w.add_embedding_length(c.dim)
+        w.add_block_count(c.n_layers)
+        w.add_feed_forward_length(c.hidden_dim)
+        w.add_head_count(c.n_heads)
+        w.add_head_count_kv(c.kv_heads)
+        w.add_rope_dimension_count(c.head_dim)
+        w.add_rope_freq_base(c.rope_base)
+        w.add_layer_norm_rms_eps(c.norm_eps)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        vocab = sorted(tok.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list([token for token, _ in vocab])
+        w.add_token_types([gguf.TokenType.CONTROL if i in tok.special_ids else gguf.TokenType.NORMAL for _, i in vocab])
+        merges = json.loads(tok.backend.to_str())["model"]["merges"]
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+        w.add_bos_token_id(tok.bos_id)
+        w.add_eos_token_id(tok.end_id)  # a chat turn ends with <|end|>
+        w.add_pad_token_id(tok.pad_id)
+        w.add_unk_token_id(tok.unk_id)
+        w.add_add_bos_token(True)
+        w.add_chat_template(json.loads((ckpt / "tokenizer_config.json").read_text())["chat_template"])
+
+        def add(name: str, t: torch.Tensor) -> None:
+            w.add_tensor(name, t.detach().float().contiguous().numpy().astype(np.float32))
+
+        add("token_embd.weight", model.tok_embeddings.weight)
+        add("output_norm.weight", model.norm.weight)
+        if not c.tie_embeddings:
+            add("output.weight", model.output.weight)
+        for i, layer in enumerate(model.layers):
+            for ours, theirs in GGUF_LAYER_NAMES.items():
+                weight = layer.get_submodule(ours).weight
+                if ours == "attn.wq":
+                    weight = rope_halves_to_pairs(weight, c.n_heads)
+                elif ours == "attn.wk":
+                    weight = rope_halves_to_pairs(weight, c.kv_heads)
+                add(f"blk.{i}.{theirs}.weight", weight)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        write_text(tmp / "Modelfile", MODELFILE)
+    return out_dir
