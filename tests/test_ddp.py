@@ -57,3 +57,33 @@ def test_sft_on_two_ranks_matches_one_process(prepared, tmp_path):
     b = load_file(str(tmp_path / "ddp/checkpoints/step-0000004/model.safetensors"))
     for name in a:
         assert torch.allclose(a[name], b[name], atol=2e-5, rtol=1e-4), name
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_match_one_process_and_resume(prepared, tmp_path):
+    """FSDP2 shards weights and optimizer over 2 ranks; its checkpoints are the plain single-process
+    format; a run resumed from one of them ends with the weights of an uninterrupted single process."""
+    import shutil
+
+    from tinylm.checkpoint import load_checkpoint
+
+    shared = ["--shards", str(prepared["shards"]), "--train.max_steps=6", "--train.grad_accum=2",
+              "--train.dtype=fp32", "--train.eval_every=3", "--train.save_every=3",
+              f"--data.corpus={prepared['cfg'].data.corpus[0]}"]
+    _pretrain(shared + ["--train.batch_size=8"], tmp_path / "single")
+    fsdp = _pretrain(shared + ["--train.batch_size=4", "--train.parallel=fsdp"], tmp_path / "fsdp", nproc=2)
+    assert "x2 fsdp" in fsdp.stdout
+    ckpts = tmp_path / "fsdp/checkpoints"
+    first = load_file(str(ckpts / "step-0000006/model.safetensors"))
+    load_checkpoint(ckpts / "step-0000003")  # strict: every name, shape and hash of the plain format
+
+    shutil.rmtree(ckpts / "step-0000006")  # as if killed after the step-3 save
+    resumed = _pretrain(shared + ["--train.batch_size=4", "--train.parallel=fsdp"], tmp_path / "fsdp", nproc=2)
+    assert "resuming from step-0000003" in resumed.stdout
+    single = load_file(str(tmp_path / "single/checkpoints/step-0000006/model.safetensors"))
+    again = load_file(str(ckpts / "step-0000006/model.safetensors"))
+    for name in single:
+        assert torch.allclose(single[name], first[name], atol=2e-5, rtol=1e-4), name
+        assert torch.allclose(single[name], again[name], atol=2e-5, rtol=1e-4), name
+    three = load_file(str(tmp_path / "single/checkpoints/step-0000003/model.safetensors"))
+    assert (three["layers.0.attn.wq.weight"] - single["layers.0.attn.wq.weight"]).abs().max() > 1e-3

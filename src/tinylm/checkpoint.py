@@ -36,14 +36,14 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(run_dir: str | Path, model: Transformer, cfg: Config, tokenizer_dir: str | Path,
-                    trainer: dict, optimizer: torch.optim.Optimizer | None = None, extra_state: dict | None = None,
+                    trainer: dict, optimizer_state: dict | None = None, extra_state: dict | None = None,
                     keep_last: int = 2) -> Path:
     ckpt_root = Path(run_dir) / "checkpoints"
     target = ckpt_root / f"step-{trainer['step']:07d}"
     with atomic_dir(target) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
-        if optimizer is not None:
-            torch.save({"optimizer": optimizer.state_dict(), **(extra_state or {})}, tmp / "trainer_state.pt")
+        if optimizer_state is not None:
+            torch.save({"optimizer": optimizer_state, **(extra_state or {})}, tmp / "trainer_state.pt")
         for name in TOKENIZER_FILES:
             shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}

@@ -139,6 +139,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"  # "auto" (bf16 where supported, fp16+scaler on old GPUs), "bf16", "fp16", "fp32"
     compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (FSDP2: weights, gradients and optimizer sharded)
     batch_size: int = 16  # sequences per micro-batch (per rank)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate
@@ -207,6 +208,8 @@ class Config:
         self.model.validate()
         if self.tokenizer.kind not in ("bpe", "sentencepiece"):
             raise ConfigError(f"tokenizer.kind must be 'bpe' or 'sentencepiece', not {self.tokenizer.kind!r}")
+        if self.train.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', not {self.train.parallel!r}")
         for name, value in (("data.val_fraction", self.data.val_fraction), ("sft.val_fraction", self.sft.val_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1)")

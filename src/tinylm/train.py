@@ -2,7 +2,7 @@
 
 Reads top to bottom in the order things happen: runtime (device, precision, ranks) -> model ->
 optimizer -> resume -> loop { lr, micro-batches with accumulation, clip, step, log, eval, save }.
-Runs as one process or under `torchrun` (DDP) with the same code.
+Runs as one process or under `torchrun` (DDP or FSDP2, see parallel.py) with the same code.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_trainer_state, save_checkpoint
@@ -26,6 +25,7 @@ from .config import Config, TrainConfig, to_toml
 from .io import write_text
 from .logs import MetricsLog, Tracker, format_duration
 from .model import Transformer
+from .parallel import full_state, is_sharded, load_full_state, local_value, shard, sync_gradients, wrap
 from .tokenizer import Tokenizer
 
 
@@ -98,14 +98,15 @@ def setup_runtime(tc: TrainConfig) -> Runtime:
 
 
 # --- optimisation --------------------------------------------------------------------------------
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device, sharded: bool = False
+                    ) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (embeddings, projections), not on norms."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = device.type in ("cuda", "cpu")  # one kernel per tensor group: 26M params on CPU 21 ms vs 84 ms foreach
+    fused = device.type in ("cuda", "cpu") and not sharded  # one kernel per tensor group: 26M params on CPU 21 ms vs 84 ms foreach
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused, foreach=not fused)
 
 
@@ -170,21 +171,24 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
           tokenizer_dir: str | Path, bytes_per_token: float | None = None, stage: str = "pretrain") -> dict:
     """Train `cfg.model` on `train_batches`; checkpoints and logs go to out_dir. Returns a summary."""
     tc, out_dir = cfg.train, Path(out_dir)
-    torch.manual_seed(tc.seed + rt.rank)
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
     model = Transformer(cfg.model).to(rt.device)
+    if rt.rank:
+        torch.manual_seed(tc.seed + rt.rank)  # but each rank its own dropout
     if tc.init_from:
         start, _, _ = load_checkpoint(tc.init_from, rt.device)
         model.load_state_dict(start.state_dict(), strict=True)
         del start
-    optimizer = build_optimizer(model, tc, rt.device)
+    if is_sharded(rt, tc):
+        shard(model, rt)  # before the optimizer, which must see the sharded parameters
+    optimizer = build_optimizer(model, tc, rt.device, sharded=is_sharded(rt, tc))
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     progress = Progress()
 
     resume_from = latest_checkpoint(out_dir) if tc.resume else None
     if resume_from is not None:
-        progress = _restore(resume_from, model, optimizer, scaler, train_batches, rt, tokenizer_dir)
-    compiled = torch.compile(model) if tc.compile else model
-    wrapped = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.world > 1 else compiled
+        progress = _restore(resume_from, model, optimizer, scaler, train_batches, rt, tc, tokenizer_dir)
+    wrapped = wrap(model, rt, tc)
 
     tokens_per_step = train_batches.windows_per_step * train_batches.seq_len * tc.grad_accum
     total_steps = horizon(tc, tokens_per_step, max(1, train_batches.steps_per_epoch // tc.grad_accum))
@@ -195,13 +199,15 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
         log.line(_preflight(model, rt, tokens_per_step, total_steps, tc, resume_from, stage))
 
     def save() -> None:
+        weights, optim_state = full_state(model, optimizer, rt, tc)  # collective under FSDP
         if rt.is_main:
             trainer = {**progress.__dict__, "data": train_batches.state_dict(), "stage": stage,
                        "tokens_per_step": tokens_per_step, "total_steps": total_steps}
             extra = {"scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state()}
             if rt.device.type == "cuda":
                 extra["rng_cuda"] = torch.cuda.get_rng_state(rt.device)
-            save_checkpoint(out_dir, model, cfg, tokenizer_dir, trainer, optimizer, extra, tc.keep_last)
+            plain = model if not is_sharded(rt, tc) else _plain_model(cfg, weights)
+            save_checkpoint(out_dir, plain, cfg, tokenizer_dir, trainer, optim_state, extra, tc.keep_last)
         if rt.world > 1:
             dist.barrier()
 
@@ -318,14 +324,14 @@ class Stepper:
         for i, ((x, y), count) in enumerate(zip(pieces, counts)):
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             sync = i == len(pieces) - 1 or rt.world == 1
-            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), rt.autocast():
+            with sync_gradients(self.wrapped, self.model, rt, tc, sync), rt.autocast():
                 _, loss = self.wrapped(x, y)  # mean over this piece's targets
-            weight = count * rt.world / total  # DDP averages over ranks: undo it, then weigh by tokens
+            weight = count * rt.world / total  # DDP and FSDP average over ranks: undo it, then weigh by tokens
             self.scaler.scale(loss * weight).backward()
             loss_sum += loss.detach().double() * count
         self.scaler.unscale_(self.optimizer)
         clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = local_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if rt.world > 1:
             dist.all_reduce(loss_sum)
         loss_value, norm_value = (loss_sum / total).item(), grad_norm.item()  # the one host sync per step
@@ -336,7 +342,15 @@ class Stepper:
         return loss_value, norm_value
 
 
-def _restore(ckpt: Path, model, optimizer, scaler, train_batches, rt: Runtime, tokenizer_dir) -> Progress:
+def _plain_model(cfg: Config, weights: dict) -> Transformer:
+    """A single-process model holding gathered FSDP weights, for the checkpoint writer."""
+    plain = Transformer(cfg.model)
+    plain.load_state_dict(weights, strict=True)
+    return plain
+
+
+def _restore(ckpt: Path, model, optimizer, scaler, train_batches, rt: Runtime, tc: TrainConfig, tokenizer_dir
+             ) -> Progress:
     """Load weights, optimizer, scaler, RNG and data position from a checkpoint."""
     saved, saved_tok, meta = load_checkpoint(ckpt, rt.device)
     if saved.cfg != model.cfg:
@@ -345,9 +359,8 @@ def _restore(ckpt: Path, model, optimizer, scaler, train_batches, rt: Runtime, t
                               "use another --out, or --train.resume=false to start over")
     if saved_tok.fingerprint != Tokenizer.load(tokenizer_dir).fingerprint:
         raise CheckpointError(f"cannot resume from {ckpt}: it was trained with another tokenizer than {tokenizer_dir}")
-    model.load_state_dict(saved.state_dict(), strict=True)
     state = load_trainer_state(ckpt)
-    optimizer.load_state_dict(state["optimizer"])
+    load_full_state(model, optimizer, saved.state_dict(), state["optimizer"], rt, tc)
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
     if "rng_cuda" in state and rt.device.type == "cuda":
@@ -380,6 +393,8 @@ def estimate_memory(model: Transformer, tc: TrainConfig, rt: Runtime) -> tuple[f
     """(bytes of weights + gradients + Adam moments, bytes of activations of one micro-batch): rough."""
     c = model.cfg
     states = model.num_params() * (4 + 4 + 8)  # fp32 weights and gradients, two fp32 moments
+    if is_sharded(rt, tc):
+        states /= rt.world  # each rank keeps its shard (plus one gathered block at a time)
     rows = tc.batch_size * c.max_seq_len
     width = 2 if rt.dtype != torch.float32 else 4
     per_layer = 10 * c.dim + 3 * c.hidden_dim + 2 * c.kv_heads * c.head_dim  # tensors saved for backward
@@ -396,7 +411,7 @@ def _preflight(model: Transformer, rt: Runtime, tokens_per_step: int, total_step
     states, activations = estimate_memory(model, tc, rt)
     where = f"resuming from {resume_from.name}" if resume_from else "from scratch" if not tc.init_from else f"from {tc.init_from}"
     return (f"{stage}: {n:,} parameters ({model.num_params(embeddings=False):,} without embeddings) | "
-            f"{rt.device} {str(rt.dtype).replace('torch.', '')} x{rt.world} | {tokens_per_step:,} tokens/step | "
+            f"{rt.device} {str(rt.dtype).replace('torch.', '')} x{rt.world}{' ' + tc.parallel if rt.world > 1 else ''} | {tokens_per_step:,} tokens/step | "
             f"{limit} | memory ~{states / 2**20:,.0f} MiB weights+optimizer + ~{activations / 2**20:,.0f} MiB "
             f"activations per micro-batch | {where}")
 
