@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tinylm.config import ModelConfig
-from tinylm.evaluate import (bits_per_byte, continuation_logprobs, minimal_pairs, multiple_choice,
-                             wilson_interval)
+from tinylm.evaluate import (bits_per_byte, bootstrap_ratio, chat_loss, continuation_logprobs, minimal_pairs,
+                             multiple_choice, read_choice_task, wilson_interval)
 from tinylm.model import Transformer
 
 from conftest import SHARED, tiny_config
@@ -50,6 +50,51 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_per_token(tokenizer):
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     assert result["tokens"] == tokens and result["bytes"] == n_bytes
     assert result["bits_per_byte"] == pytest.approx(math.log2(tokenizer.vocab_size) * tokens / n_bytes, rel=1e-4)
+    assert result["chance"] == pytest.approx(result["bits_per_byte"], rel=1e-4) and result["n"] == 2
+
+
+def test_bootstrap_interval_brackets_the_ratio_and_shrinks_with_items():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    small, large = rng.exponential(size=(2, 50)), rng.exponential(size=(2, 5000))
+    lo_s, hi_s = bootstrap_ratio(small[0], small[1])
+    lo_l, hi_l = bootstrap_ratio(large[0], large[1])
+    assert lo_s < small[0].sum() / small[1].sum() < hi_s and lo_l < large[0].sum() / large[1].sum() < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 4  # 100x the items: about a tenth of the width
+
+
+def test_chat_loss_scores_assistant_tokens_only(tokenizer):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=64, vocab_size=tokenizer.vocab_size)).eval()
+    chats = [[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, friend."},
+              {"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "Fine."}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "4"}]]
+    rows = [tokenizer.render_chat(m) for m in chats]
+    result = chat_loss(model, rows)
+    nll, count = 0.0, 0
+    for ids, mask in rows:  # the reference: one conversation at a time, every marked position by hand
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([ids[:-1]]))[0][0].float(), -1)
+        for t in range(1, len(ids)):
+            if mask[t]:
+                nll -= logp[t - 1, ids[t]].item()
+                count += 1
+    assert result["assistant_tokens"] == count == sum(sum(m[1:]) for _, m in rows) and result["n"] == 2
+    assert result["loss"] == pytest.approx(nll / count, abs=1e-4)
+    uniform = chat_loss(uniform_model(tokenizer.vocab_size), rows)
+    assert uniform["loss"] == pytest.approx(math.log(tokenizer.vocab_size), abs=1e-4) == uniform["chance"]
+
+
+def test_choice_tasks_load_from_a_dataset_name_like_from_a_file(tmp_path):
+    """The hub path (`datasets.load_dataset(name, streaming=True)`) on a local json builder, no network."""
+    rows = read_choice_task(str(SHARED / "hellaswag_dev.jsonl"), limit=5)
+    spec = f"json?data_files={SHARED / 'hellaswag_dev.jsonl'}&split=train"
+    from_hub_path = read_choice_task(spec, limit=5)
+    assert len(from_hub_path) == 5
+    assert [(r["ctx"], list(r["endings"]), int(r["label"])) for r in from_hub_path] == \
+           [(r["ctx"], list(r["endings"]), int(r["label"])) for r in rows]
 
 
 def test_minimal_pairs_with_a_known_answer(tokenizer):

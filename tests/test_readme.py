@@ -54,6 +54,9 @@ def test_quick_start_pipeline_on_the_tiny_preset(tmp_path):
     run_dir = tmp_path / "runs" / "default"
     for stage in ("tokenizer", "shards"):
         assert (run_dir / stage / "meta.json").is_file() and (run_dir / stage / "config.toml").is_file()
+    assert "eval: validation_shards: bits/byte" in first.stdout and "eval: chat:held-out" in first.stdout
+    report = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "Supervised fine-tuning" in report and "A chat with the fine-tuned model" in report
     second = _run_cli(_tinylm_command(quick_start()[0]), tmp_path, timeout=300)  # the run's own config is reused
     assert second.returncode == 0, second.stderr[-3000:]
     assert "tokenizer: up to date" in second.stdout and "shards: up to date" in second.stdout
@@ -70,6 +73,7 @@ def test_quick_start_exactly_as_written(tmp_path):
     words = re.findall(r"[a-z']+", samples.lower())
     common = {"the", "i", "you", "to", "a", "and", "is", "it", "that", "of", "what", "do", "like", "have"}
     assert sum(w in common for w in words) > 0.15 * len(words)  # recognisable English, not byte soup
+    assert (tmp_path / "runs/default/report.html").is_file() and (tmp_path / "runs/default/report/sft.png").is_file()
     print(result.stdout[-3000:])
 
 

@@ -107,6 +107,14 @@ def test_sft_lowers_validation_loss_on_held_out_conversations(prepared, base_che
     assert summary["stage"] == "sft" and math.isfinite(summary["best_val_loss"])
     trained_meta = json.loads((latest_checkpoint(tmp_path / "sft") / "meta.json").read_text())
     assert trained_meta["trainer"]["stage"] == "sft"
+    # `tinylm eval` of an SFT checkpoint scores its held-out conversations: the loop's last validation
+    # loss (the same rows, batched and padded, under autocast) and the evaluator's agree
+    from tinylm.evaluate import evaluate_checkpoint
+
+    chat = evaluate_checkpoint(summary["checkpoint"])["chat:held-out"]
+    assert chat["n"] == meta["splits"]["val"]["rows"] and chat["assistant_tokens"] == meta["splits"]["val"]["assistant_tokens"]
+    assert chat["loss"] == pytest.approx(val[-1], abs=0.05) and chat["loss"] < chat["chance"]
+    assert chat["ci95"][0] < chat["loss"] < chat["ci95"][1]
 
 
 def test_sft_resumes_exactly(prepared, base_checkpoint, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinylm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from tinylm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, remove_partial
 from tinylm.config import TrainConfig
 from tinylm.pipeline import pretrain
 from tinylm.train import lr_at
@@ -59,7 +59,9 @@ def test_checkpoints_are_pruned_and_latest_is_complete(prepared, tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["latest", "step-0000006", "step-0000009"]
     (tmp_path / "checkpoints" / "step-0000012.tmp").mkdir()  # as a crash mid-save would leave it
-    assert latest_checkpoint(tmp_path).name == "step-0000009"
+    assert latest_checkpoint(tmp_path).name == "step-0000009"  # a reader skips it and leaves it alone
+    assert (tmp_path / "checkpoints" / "step-0000012.tmp").exists()
+    assert remove_partial(tmp_path) == ["step-0000012.tmp"]  # the trainer removes it before resuming
     assert not (tmp_path / "checkpoints" / "step-0000012.tmp").exists()
 
 

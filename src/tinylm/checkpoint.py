@@ -74,8 +74,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    for tmp in root.glob("*.tmp"):  # left by a crash mid-save
-        shutil.rmtree(tmp, ignore_errors=True)
     pointer = root / "latest"
     if pointer.is_file():
         named = root / pointer.read_text().strip()
@@ -83,6 +81,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             return named
     complete = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file())
     return complete[-1] if complete else None
+
+
+def remove_partial(run_dir: str | Path) -> list[str]:
+    """Delete what a killed save left behind (`step-N.tmp/`, temp files). Only the trainer calls this,
+    before it resumes: a reader (chat, eval) must not touch a save that may still be in progress."""
+    root = Path(run_dir) / "checkpoints"
+    removed = []
+    for tmp in root.glob("*.tmp") if root.is_dir() else []:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import Config, ConfigError, help_text, load_config, preset_names, to_toml
 
 VERBS = {
-    "run": "tokenizer -> shards -> pretrain -> SFT -> samples and a demo chat (default: the built-in corpus)",
+    "run": "tokenizer -> shards -> pretrain -> SFT -> samples, a demo chat, evaluation and the report (default: the built-in corpus)",
     "collect": "gather text from files, Hugging Face datasets, Wikipedia topics and web pages into DIR",
     "clean": "normalise, filter and deduplicate data.corpus into DIR/clean.jsonl with a report",
     "tokenizer": "train a tokenizer on data.corpus",
@@ -31,7 +31,8 @@ VERBS = {
     "web": "Streamlit chat page in the browser",
     "info": "describe a checkpoint (size, config, training state)",
     "export": "write a checkpoint as a Hugging Face LlamaForCausalLM directory or a GGUF file",
-    "eval": "bits-per-byte, BLiMP minimal pairs and multiple-choice accuracy of a checkpoint -> CKPT/eval.json",
+    "eval": "bits-per-byte, BLiMP minimal pairs, multiple-choice accuracy and chat loss of a checkpoint -> CKPT/eval.json",
+    "report": "one HTML page (and a Markdown twin) with a run's curves, data, scores and samples -> RUN/report.html",
     "presets": "list the config presets",
     "config-help": "list every config field with its meaning",
 }
@@ -57,12 +58,19 @@ def _parser() -> argparse.ArgumentParser:
         p[verb].add_argument("--port", type=int, default=port)
     p["serve"].add_argument("--api-key", default=os.environ.get("TINYLM_API_KEY"), help="require this bearer key (default: $TINYLM_API_KEY)")
     p["serve"].add_argument("--model-name", default="tinylm", help="the model id clients pass")
+    p["serve"].add_argument("--timeout", type=float, default=120.0,
+                            help="seconds of generation per request; a longer one ends as if max_tokens were reached")
     p["chat"].add_argument("--system", default="", help="system message")
     p["eval"].add_argument("--text", action="append", default=[], help="text corpus (any corpus format) for bits-per-byte")
     p["eval"].add_argument("--blimp", action="append", default=[], help="JSONL of sentence_good / sentence_bad pairs")
-    p["eval"].add_argument("--choice", action="append", default=[], help="JSONL of HellaSwag (ctx, endings, label) or ARC items")
+    p["eval"].add_argument("--choice", action="append", default=[],
+                           help="HellaSwag (ctx, endings, label) or ARC items: a JSONL file or a Hugging Face dataset "
+                                "(Rowan/hellaswag, allenai/ai2_arc/ARC-Easy?split=test)")
+    p["eval"].add_argument("--chat", action="append", default=[],
+                           help="conversation JSONL: loss on the assistant tokens (default for an SFT checkpoint: its held-out split)")
     p["eval"].add_argument("--shards", default=None, help="shard folder: bits-per-byte of its validation split")
     p["eval"].add_argument("--max-items", type=int, default=0, help="score at most this many items per task file")
+    p["report"].add_argument("run", help="run directory (the --out of `tinylm run`)")
     p["export"].add_argument("--format", choices=["hf", "gguf"], default="hf",
                              help="hf: transformers LlamaForCausalLM; gguf: llama.cpp / Ollama (needs `pip install gguf`)")
     return parser
@@ -94,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, overrides = parse(argv)
         return COMMANDS[args.verb](args, overrides) or 0
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"tinylm: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a missing permission: say which file, keep what was complete
+        print(f"tinylm: error: {e.strerror or e} ({e.filename or 'no file named'}); outputs being written were "
+              "discarded, complete ones are untouched", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -109,8 +121,15 @@ def cmd_run(args, overrides) -> int:
     # rerunning a run directory without --config continues with the config it was made with
     saved = out / "config.toml"
     cfg = load_config(args.config or (str(saved) if saved.is_file() else "cpu-demo"), overrides)
-    run(cfg, out)
-    return 0
+    return _exit_code(run(cfg, out))
+
+
+def _exit_code(summary: dict) -> int:
+    """0 when the stage finished; 128 + the signal number when a signal stopped it after a final checkpoint
+    (as a shell reports a signalled program, so schedulers see the job did not finish)."""
+    import signal
+
+    return 128 + signal.Signals[summary["stopped_by"]].value if summary.get("stopped_by") else 0
 
 
 def cmd_collect(args, overrides) -> int:
@@ -156,7 +175,7 @@ def cmd_pretrain(args, overrides) -> int:
         print(json.dumps(summary, indent=2, default=str))
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return _exit_code(summary)
 
 
 def cmd_sft(args, overrides) -> int:
@@ -170,7 +189,7 @@ def cmd_sft(args, overrides) -> int:
         print(json.dumps(summary, indent=2, default=str))
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return _exit_code(summary)
 
 
 def _saved_config(checkpoint: str) -> Config:
@@ -211,7 +230,7 @@ def cmd_chat(args, overrides) -> int:
 def cmd_serve(args, overrides) -> int:
     from .server import serve
 
-    serve(args.checkpoint, args.host, args.port, args.api_key, args.model_name, args.device)
+    serve(args.checkpoint, args.host, args.port, args.api_key, args.model_name, args.device, args.timeout)
     return 0
 
 
@@ -242,15 +261,20 @@ def cmd_export(args, overrides) -> int:
 
 
 def cmd_eval(args, overrides) -> int:
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint, format_score, score_table
 
-    results = evaluate_checkpoint(args.checkpoint, args.text, args.blimp, args.choice, args.shards, args.max_items)
-    for name, r in results.items():
-        if "bits_per_byte" in r:
-            print(f"{name}: {r['bits_per_byte']:.4f} bits/byte, loss {r['loss']:.4f} over {r['tokens']:,} tokens")
-        for label, acc in ([("", r)] if "accuracy" in r else [(f" {k}", v) for k, v in r.items() if isinstance(v, dict) and "accuracy" in v]):
-            print(f"{name}{label}: accuracy {acc['accuracy']:.4f} (95% CI {acc['ci95'][0]:.3f}-{acc['ci95'][1]:.3f}, "
-                  f"n={acc['n']:,}, chance {acc['chance']:.3f})")
+    results = evaluate_checkpoint(args.checkpoint, args.text, args.blimp, args.choice, args.shards, args.max_items,
+                                  args.chat)
+    for row in score_table(results):
+        print(format_score(row))
+    return 0
+
+
+def cmd_report(args, overrides) -> int:
+    from .report import write_report
+
+    html_path, md_path = write_report(args.run)
+    print(f"report: {html_path} (open it in a browser; no network needed) and {md_path}")
     return 0
 
 
@@ -282,7 +306,7 @@ def cmd_config_help(args, overrides) -> int:
 
 
 COMMANDS = {"run": cmd_run, "collect": cmd_collect, "clean": cmd_clean, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "sft": cmd_sft,
-            "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "web": cmd_web, "info": cmd_info, "export": cmd_export, "eval": cmd_eval, "presets": cmd_presets,
+            "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "web": cmd_web, "info": cmd_info, "export": cmd_export, "eval": cmd_eval, "report": cmd_report, "presets": cmd_presets,
             "config-help": cmd_config_help}
 
 if __name__ == "__main__":

@@ -191,6 +191,14 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = True  # `tinylm run` evaluates each trained stage (-> CKPT/eval.json) and writes RUN/report.html
+    max_items: int = 200  # per task: validation windows, held-out conversations or task items (0 = all)
+    blimp: list[str] = field(default_factory=list)  # BLiMP-format JSONL files (sentence_good, sentence_bad)
+    choice: list[str] = field(default_factory=list)  # HellaSwag/ARC JSONL files or Hugging Face dataset names
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -200,6 +208,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

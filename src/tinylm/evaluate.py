@@ -1,9 +1,10 @@
-"""How good is a checkpoint: bits-per-byte on text, minimal pairs (BLiMP), multiple choice (HellaSwag, ARC).
+"""How good is a checkpoint: bits-per-byte on text, minimal pairs (BLiMP), multiple choice (HellaSwag,
+ARC), and the assistant-token loss of held-out conversations (chat).
 
 Every score comes with its number of items, a 95% interval and the chance level. Bits-per-byte
 divides the summed negative log-likelihood (in bits) by the UTF-8 bytes of the text, so models
 with different tokenizers can be compared. All scoring goes through one function,
-`continuation_logprobs`: the log-probability of some tokens given the tokens before them.
+`masked_logprobs`: the log-probability of the marked tokens of a sequence given the tokens before them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,50 +42,85 @@ def accuracy(correct: Sequence[bool], chance: float) -> dict:
             "chance": round(chance, 4)}
 
 
-@torch.inference_mode()
-def continuation_logprobs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                          batch_size: int = 16) -> list[float]:
-    """For each (context, continuation): sum of log p(continuation tokens | everything before them).
+def bootstrap_ratio(numerators: Sequence[float], denominators: Sequence[float], resamples: int = 1000,
+                    seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of sum(num) / sum(den), resampling items (documents, windows,
+    conversations) with replacement."""
+    num, den = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
+    if len(num) < 2:
+        ratio = float(num.sum() / max(den.sum(), 1e-12))
+        return (ratio, ratio)
+    picks = np.random.default_rng(seed).integers(0, len(num), size=(resamples, len(num)))
+    ratios = num[picks].sum(axis=1) / np.maximum(den[picks].sum(axis=1), 1e-12)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return (float(low), float(high))
 
-    Sequences longer than the context window lose their oldest context tokens. Batches are padded
-    on the right; padding is never scored (causal attention: no scored token sees it).
+
+@torch.inference_mode()
+def masked_logprobs(model: Transformer, rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+                    batch_size: int = 16) -> list[tuple[float, int]]:
+    """For each (ids, mask): the sum of log p(ids[t] | ids[:t]) over positions t >= 1 with mask[t] set,
+    and how many such positions there are.
+
+    Rows longer than the context window lose their oldest tokens. Batches are padded on the right;
+    padding is never scored (causal attention: no scored token sees it).
     """
     device = model.tok_embeddings.weight.device
     limit = model.cfg.max_seq_len + 1
-    out: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        seqs = [(list(ctx) + list(cont))[-limit:] for ctx, cont in chunk]
-        n_scored = [min(len(cont), len(s) - 1) for (_, cont), s in zip(chunk, seqs)]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
+    out: list[tuple[float, int]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = [(list(ids)[-limit:], list(mask)[-limit:]) for ids, mask in rows[start:start + batch_size]]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        scored = torch.zeros(len(chunk), width, dtype=torch.bool)
+        for i, (row_ids, row_mask) in enumerate(chunk):
+            ids[i, :len(row_ids)] = torch.tensor(row_ids)
+            scored[i, :len(row_mask)] = torch.tensor(row_mask, dtype=torch.bool)
         logits, _ = model(ids[:, :-1].to(device))
         logp = F.log_softmax(logits.float(), dim=-1)
-        token_logp = logp.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)  # (B, width - 1)
-        for i, s in enumerate(seqs):
-            end = len(s) - 1
-            out.append(token_logp[i, end - n_scored[i]:end].sum().item())
+        token_logp = logp.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()  # (B, width - 1)
+        keep = scored[:, 1:]
+        for i in range(len(chunk)):
+            out.append((token_logp[i][keep[i]].sum().item(), int(keep[i].sum())))
     return out
 
 
+def continuation_logprobs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                          batch_size: int = 16) -> list[float]:
+    """For each (context, continuation): sum of log p(continuation tokens | everything before them)."""
+    rows = [([*ctx, *cont], [0] * len(ctx) + [1] * len(cont)) for ctx, cont in pairs]
+    return [logp for logp, _ in masked_logprobs(model, rows, batch_size)]
+
+
+def _text_score(nll: Sequence[float], tokens: Sequence[int], n_bytes: Sequence[int], vocab: int, items: str) -> dict:
+    """Loss per token and bits per byte with bootstrap intervals over `items`, and a uniform model's figures."""
+    total_nll, total_tokens, total_bytes = float(sum(nll)), max(1, sum(tokens)), max(1, sum(n_bytes))
+    low, high = bootstrap_ratio(nll, n_bytes)
+    return {"n": len(nll), "items": items, "tokens": int(sum(tokens)), "bytes": int(sum(n_bytes)),
+            "loss": round(total_nll / total_tokens, 5),
+            "bits_per_byte": round(total_nll / math.log(2) / total_bytes, 5),
+            "ci95": [round(low / math.log(2), 5), round(high / math.log(2), 5)],
+            "chance": round(math.log2(vocab) * total_tokens / total_bytes, 5)}
+
+
 # --- bits per byte on plain text ------------------------------------------------------------------
-@torch.inference_mode()
 def bits_per_byte(model: Transformer, tok: Tokenizer, texts: Iterable[str], batch_size: int = 8) -> dict:
-    """Every token of every document after its <|bos|> is scored once, in windows of the context length."""
+    """Every token of every document after its <|bos|> is scored once, in windows of the context length;
+    the interval resamples documents."""
     window = model.cfg.max_seq_len
-    pairs, n_bytes, n_docs = [], 0, 0
-    for text in texts:
+    rows, doc_of, n_bytes = [], [], []
+    for doc, text in enumerate(texts):
         ids = tok.encode_document(text)
         for start in range(0, len(ids) - 1, window):  # each window predicts ids[start+1 : start+window+1]
-            pairs.append((ids[start:start + 1], ids[start + 1:start + window + 1]))
-        n_bytes += len(text.encode("utf-8"))
-        n_docs += 1
-    nll = -sum(continuation_logprobs(model, pairs, batch_size))
-    n_tokens = sum(len(cont) for _, cont in pairs)
-    return {"docs": n_docs, "tokens": n_tokens, "bytes": n_bytes, "loss": round(nll / max(1, n_tokens), 5),
-            "bits_per_byte": round(nll / math.log(2) / max(1, n_bytes), 5)}
+            piece = ids[start:start + window + 1]
+            rows.append((piece, [0] + [1] * (len(piece) - 1)))
+            doc_of.append(doc)
+        n_bytes.append(len(text.encode("utf-8")))
+    nll, tokens = [0.0] * len(n_bytes), [0] * len(n_bytes)
+    for doc, (logp, count) in zip(doc_of, masked_logprobs(model, rows, batch_size)):
+        nll[doc] -= logp
+        tokens[doc] += count
+    return _text_score(nll, tokens, n_bytes, model.cfg.vocab_size, "documents")
 
 
 # --- task files -----------------------------------------------------------------------------------
@@ -147,51 +184,144 @@ def multiple_choice(model: Transformer, tok: Tokenizer, rows: list[dict], source
     return {"raw": accuracy(raw, chance), "length_normalised": accuracy(norm, chance)}
 
 
-@torch.inference_mode()
-def shards_bits_per_byte(model: Transformer, shards_dir: str | Path, batch_size: int = 8) -> dict:
-    """The validation split of a shard folder: every token after the first scored once, in context windows."""
+def shards_bits_per_byte(model: Transformer, shards_dir: str | Path, batch_size: int = 8, max_windows: int = 0) -> dict:
+    """The validation split of a shard folder: every token after the first scored once, in context windows.
+
+    Shards keep no document boundaries' byte counts, so each window is given the split's average
+    bytes per token; the interval resamples windows. `max_windows` keeps the first ones (0 = all)."""
     from .shards import load_split
 
     arrays, info = load_split(shards_dir, "val")
     window = model.cfg.max_seq_len
-    pairs = []
+    rows = []
     for array in arrays:
         ids = array.tolist()
         for start in range(0, len(ids) - 1, window):
-            pairs.append((ids[start:start + 1], ids[start + 1:start + window + 1]))
-    nll = -sum(continuation_logprobs(model, pairs, batch_size))
-    n_tokens = sum(len(cont) for _, cont in pairs)
-    return {"docs": info["docs"], "tokens": n_tokens, "bytes": info["bytes"], "loss": round(nll / max(1, n_tokens), 5),
-            "bits_per_byte": round(nll / math.log(2) / max(1, info["bytes"]), 5)}
+            piece = ids[start:start + window + 1]
+            rows.append((piece, [0] + [1] * (len(piece) - 1)))
+    per_token = info["bytes"] / max(1, sum(len(ids) - 1 for ids, _ in rows))  # the split's bytes per scored token
+    if max_windows:
+        rows = rows[:max_windows]
+    scored = masked_logprobs(model, rows, batch_size)
+    tokens = [count for _, count in scored]
+    result = _text_score([-logp for logp, _ in scored], tokens, [count * per_token for count in tokens],
+                         model.cfg.vocab_size, "windows")
+    return {**result, "docs": info["docs"] if not max_windows else None, "split_bytes": info["bytes"]}
+
+
+def chat_loss(model: Transformer, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict:
+    """Held-out conversations: mean loss on the assistant tokens only (what SFT trains), with a
+    bootstrap interval over conversations; chance is a uniform guess over the vocabulary."""
+    scored = [(-logp, count) for logp, count in masked_logprobs(model, rows) if count]
+    nll, counts = [x for x, _ in scored], [n for _, n in scored]
+    loss = sum(nll) / max(1, sum(counts))
+    low, high = bootstrap_ratio(nll, counts)
+    return {"n": len(scored), "items": "conversations", "assistant_tokens": int(sum(counts)),
+            "loss": round(loss, 5), "ci95": [round(low, 5), round(high, 5)], "perplexity": round(math.exp(loss), 3),
+            "chance": round(math.log(model.cfg.vocab_size), 5)}
+
+
+def _conversation_rows(tok: Tokenizer, paths: Sequence[str], limit: int) -> list[tuple[list[int], list[int]]]:
+    from .sft import read_conversations
+
+    rows = []
+    for conv in read_conversations(paths):
+        rows.append(tok.render_chat(conv.messages))
+        if limit and len(rows) >= limit:
+            break
+    return rows
+
+
+def _sft_val_rows(data_dir: Path, limit: int) -> list[tuple[list[int], list[int]]]:
+    from .sft import SFTRows
+
+    val = SFTRows.load(data_dir, "val")
+    n = min(len(val), limit) if limit else len(val)
+    return [tuple(a.tolist() for a in val.row(i)) for i in range(n)]
+
+
+def read_choice_task(spec: str, limit: int = 0) -> list[dict]:
+    """A local JSONL file, or a Hugging Face dataset in the collect syntax (`Rowan/hellaswag`,
+    `allenai/ai2_arc/ARC-Easy?split=test`; the split defaults to validation), streamed."""
+    if Path(spec).is_file():
+        return read_jsonl(spec, limit)
+    from datasets import load_dataset
+
+    from .collect import parse_hf_spec
+
+    name, config, options = parse_hf_spec(spec)
+    split = options.pop("split", "validation")
+    rows = []
+    for row in load_dataset(name, config, split=split, streaming=True, **options):
+        rows.append(dict(row))
+        if limit and len(rows) >= limit:
+            break
+    return rows
 
 
 def evaluate_checkpoint(checkpoint: str | Path, texts: Sequence[str] = (), blimp: Sequence[str] = (),
-                        choice: Sequence[str] = (), shards: str | None = None, max_items: int = 0) -> dict:
-    """Run the asked evaluations (default: the run's validation shards) and merge them into eval.json."""
+                        choice: Sequence[str] = (), shards: str | None = None, max_items: int = 0,
+                        chat: Sequence[str] = (), defaults: bool | None = None) -> dict:
+    """Run the asked evaluations and merge them into CKPT/eval.json. The defaults (taken when nothing
+    is asked, or `defaults=True`): the run's validation shards, and for a fine-tuned checkpoint its
+    held-out conversations too. `max_items` bounds every task (0 = all)."""
     from .checkpoint import find_checkpoint, load_checkpoint
     from .config import DataConfig
     from .corpus import read_documents
     from .io import read_json, write_json
 
     ckpt = find_checkpoint(checkpoint)
-    model, tok, _ = load_checkpoint(ckpt)
+    model, tok, meta = load_checkpoint(ckpt)
     model.eval()
     results: dict = {}
-    if not (texts or blimp or choice or shards):
-        run_shards = ckpt.parents[2] / "shards" if len(ckpt.parents) > 2 else None
-        shards = str(run_shards) if run_shards and (run_shards / "meta.json").is_file() else None
-        if shards is None:
-            raise ValueError(f"nothing to evaluate: give --text, --blimp or --choice files (no shards beside {ckpt})")
+    sft_data = None
+    if defaults or (defaults is None and not (texts or blimp or choice or shards or chat)):
+        run_dir = ckpt.parents[2] if len(ckpt.parents) > 2 else None
+        if run_dir and (run_dir / "shards" / "meta.json").is_file():
+            shards = str(run_dir / "shards")
+        if meta["trainer"].get("stage") == "sft" and (ckpt.parents[1] / "data" / "meta.json").is_file():
+            sft_data = ckpt.parents[1] / "data"
+        if shards is None and sft_data is None and not defaults:
+            raise ValueError(f"nothing to evaluate: give --text, --blimp, --choice or --chat files (no shards beside {ckpt})")
     if shards:
-        results["validation_shards"] = shards_bits_per_byte(model, shards)
+        results["validation_shards"] = shards_bits_per_byte(model, shards, max_windows=max_items)
+    if sft_data:
+        results["chat:held-out"] = chat_loss(model, _sft_val_rows(sft_data, max_items))
+    for path in chat:
+        results[f"chat:{Path(path).name}"] = chat_loss(model, _conversation_rows(tok, [path], max_items))
     for path in texts:
         docs = read_documents(DataConfig(corpus=[path]))
         results[f"text:{Path(path).name}"] = bits_per_byte(model, tok, (d.text for d in docs))
     for path in blimp:
         results[f"blimp:{Path(path).name}"] = minimal_pairs(model, tok, read_jsonl(path, max_items), str(path))
-    for path in choice:
-        results[f"choice:{Path(path).name}"] = multiple_choice(model, tok, read_jsonl(path, max_items), str(path))
+    for spec in choice:
+        name = Path(spec).name if Path(spec).is_file() else spec
+        results[f"choice:{name}"] = multiple_choice(model, tok, read_choice_task(spec, max_items), spec)
     out = ckpt / "eval.json"
     merged = {**(read_json(out) if out.is_file() else {}), **results}
     write_json(out, merged)
     return results
+
+
+def score_table(results: dict) -> list[dict]:
+    """One row per score (task, metric, value, interval, items, chance) for printing and the run report."""
+    rows = []
+    for name, r in results.items():
+        if "bits_per_byte" in r:
+            rows.append({"task": name, "metric": "bits/byte", "value": r["bits_per_byte"], "ci95": r.get("ci95"),
+                         "n": f"{r['n']:,} {r['items']}" if "n" in r else f"{r['tokens']:,} tokens",
+                         "chance": r.get("chance")})
+        elif "assistant_tokens" in r:
+            rows.append({"task": name, "metric": "assistant loss (nats/token)", "value": r["loss"], "ci95": r["ci95"],
+                         "n": f"{r['n']:,} {r['items']}", "chance": r["chance"]})
+        for label, acc in ([("accuracy", r)] if "accuracy" in r else
+                           [(f"accuracy {k}", v) for k, v in r.items() if isinstance(v, dict) and "accuracy" in v]):
+            rows.append({"task": name, "metric": label.replace("_", "-"), "value": acc["accuracy"], "ci95": acc["ci95"],
+                         "n": f"{acc['n']:,} items", "chance": acc["chance"]})
+    return rows
+
+
+def format_score(row: dict) -> str:
+    ci = f" (95% CI {row['ci95'][0]:.3f}-{row['ci95'][1]:.3f}" if row.get("ci95") else " ("
+    chance = f", chance {row['chance']:.3f})" if row.get("chance") is not None else ")"
+    return f"{row['task']}: {row['metric']} {row['value']:.4f}{ci}, n={row['n']}{chance}"

@@ -158,15 +158,40 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     if rt.world > 1:
         dist.barrier()  # other ranks wait for the data
     summary = pretrain(cfg, run_dir / "shards", run_dir / "pretrain", rt, run_dir / "tokenizer")
+    if summary["stopped_by"]:
+        return summary  # preempted: the next `tinylm run` resumes here
     if rt.is_main:
         print_samples(summary["checkpoint"], cfg, run_dir / "samples.json")
+        evaluate_stage(summary["checkpoint"], cfg)
     if cfg.sft.corpus:
         summary = sft(cfg, summary["checkpoint"], run_dir / "sft", rt)
+        if summary["stopped_by"]:
+            return summary
         if rt.is_main:
             demo_exchange(summary["checkpoint"], cfg, run_dir / "demo_chat.json")
+            evaluate_stage(summary["checkpoint"], cfg)
     if rt.is_main:
+        if cfg.eval.enabled:
+            from .report import write_report
+
+            html_path, _ = write_report(run_dir)
+            say(f"\nreport: {html_path} (and report.md beside it)")
         say(_next_steps(run_dir, summary))
     return summary
+
+
+def evaluate_stage(checkpoint: str | Path, cfg: Config) -> dict:
+    """The run's own evaluation of a trained stage: validation bits/byte (and held-out chat loss after
+    SFT) plus the configured task files, each bounded by eval.max_items; into CKPT/eval.json."""
+    if not cfg.eval.enabled:
+        return {}
+    from .evaluate import evaluate_checkpoint, format_score, score_table
+
+    results = evaluate_checkpoint(checkpoint, blimp=cfg.eval.blimp, choice=cfg.eval.choice,
+                                  max_items=cfg.eval.max_items, defaults=True)
+    for row in score_table(results):
+        say(f"eval: {format_score(row)}")
+    return results
 
 
 def demo_exchange(checkpoint: str | Path, cfg: Config, out_file: Path | None = None) -> list[dict]:

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from .config import Config, to_toml
-from .corpus import corpus_fingerprint, files_fingerprint, read_documents, split_documents
+from .corpus import CorpusError, corpus_fingerprint, files_fingerprint, read_documents, split_documents
 from .io import hash_json, read_json, write_json, write_text
 from .shards import build_shards
 from .tokenizer import Tokenizer, bytes_per_token, train_tokenizer
@@ -36,8 +36,18 @@ def tokenizer_stage(cfg: Config, out_dir: str | Path, force: bool = False, progr
         say(f"tokenizer: up to date in {out_dir}")
         return out_dir
     say(f"tokenizer: training {cfg.tokenizer.kind} with {cfg.tokenizer.vocab_size} tokens on {', '.join(cfg.data.corpus)}")
-    train_texts = (d.text for d, held_out in split_documents(cfg.data) if not held_out)
-    tok = train_tokenizer(train_texts, cfg.tokenizer, show_progress=progress)
+    counted = {"docs": 0}
+
+    def train_texts():
+        for d, held_out in split_documents(cfg.data):
+            if not held_out:
+                counted["docs"] += 1
+                yield d.text
+
+    tok = train_tokenizer(train_texts(), cfg.tokenizer, show_progress=progress)
+    if counted["docs"] == 0:
+        raise CorpusError(f"no training documents in {', '.join(cfg.data.corpus)}: the files are empty, "
+                          "hold only blank text, or every document went to validation (data.val_fraction)")
     held_out = []
     for d, is_held_out in split_documents(cfg.data):
         if len(held_out) >= cfg.tokenizer.held_out_docs:

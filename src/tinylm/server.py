@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,10 +24,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import LanguageModel, Usage
 
 DEFAULT_MAX_TOKENS = 256
+MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused with 413 before it is read whole
+DEFAULT_TIMEOUT = 120.0  # seconds of generation per request; then it ends as if max_tokens were reached
 
 
 class APIError(Exception):
@@ -76,11 +80,41 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": None}})
 
 
+class Deadline:
+    """Ends a stream of text pieces once `seconds` have passed (finish_reason "length"), and counts the
+    generations in flight: the count drops when a stream ends, fails, or is closed because its client
+    went away."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.active = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, pieces: Iterator[str], usage: Usage) -> Iterator[str]:
+        end = time.monotonic() + self.seconds
+        with self._lock:
+            self.active += 1
+        try:
+            for piece in pieces:
+                yield piece
+                if time.monotonic() > end:
+                    usage.finish_reason = "length"
+                    return
+        finally:
+            pieces.close()  # stops the sampler: no token is computed for nobody
+            with self._lock:
+                self.active -= 1
+
+
 def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | None = None,
-               max_tokens_limit: int | None = None) -> FastAPI:
+               max_tokens_limit: int | None = None, timeout: float = DEFAULT_TIMEOUT,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     limit = max_tokens_limit or lm.context_length
-    app = FastAPI(title="tinylm", description="OpenAI-compatible API for a tinylm model", version="1")
+    # bodies over the limit get 413 as soon as Content-Length, or the bytes read so far, pass it
+    app = FastAPI(title="tinylm", description="OpenAI-compatible API for a tinylm model", version="1",
+                  max_body_size=max_body_bytes)
     created = int(time.time())
+    deadline = app.state.deadline = Deadline(timeout)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -91,6 +125,10 @@ def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | Non
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")), where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), kind="request_too_large" if exc.status_code == 413 else "invalid_request_error")
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -113,7 +151,7 @@ def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | Non
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": model_name, "parameters": lm.num_params}
+        return {"status": "ok", "model": model_name, "parameters": lm.num_params, "active_generations": deadline.active}
 
     @app.get("/v1/models")
     def models():
@@ -125,14 +163,14 @@ def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | Non
         messages = [m.model_dump() for m in req.messages]
         messages, _ = lm.fit_messages(messages, options["max_new_tokens"])
         usage = Usage()
-        pieces = lm.stream_chat(messages, usage=usage, **options)
+        pieces = deadline(lm.stream_chat(messages, usage=usage, **options), usage)
         return _respond(req, pieces, usage, "chat.completion", model_name)
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
         options = sampling(req)
         usage = Usage()
-        pieces = lm.stream(req.prompt, usage=usage, **options)
+        pieces = deadline(lm.stream(req.prompt, usage=usage, **options), usage)
         return _respond(req, pieces, usage, "text_completion", model_name)
 
     return app
@@ -185,16 +223,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_warning(host: str, api_key: str | None) -> str | None:
+    if is_loopback(host) or api_key:
+        return None
+    return (f"WARNING: serving on {host} without an API key: anyone who can reach this port can use the model. "
+            "Pass --api-key (or TINYLM_API_KEY) to require one.")
+
+
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, device: str = "auto") -> None:
+          model_name: str | None = None, device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> None:
     import uvicorn
 
     from .api import load
 
     lm = load(checkpoint, device)
     name = model_name or "tinylm"
-    if not is_loopback(host) and not api_key:
-        print(f"WARNING: serving on {host} without an API key: anyone who can reach this port can use the model. "
-              "Pass --api-key (or TINYLM_API_KEY) to require one.")
+    warning = bind_warning(host, api_key)
+    if warning:
+        print(warning)
     print(f"serving {lm.name} ({lm.num_params:,} parameters) as model {name!r} on http://{host}:{port}/v1")
-    uvicorn.run(create_app(lm, name, api_key), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(lm, name, api_key, timeout=timeout), host=host, port=port, log_level="info",
+                timeout_keep_alive=5)

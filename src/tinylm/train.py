@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +22,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_trainer_state, save_checkpoint
+from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_trainer_state, remove_partial,
+                         save_checkpoint)
 from .config import Config, TrainConfig, to_toml
 from .io import write_text
 from .logs import MetricsLog, Tracker, format_duration
@@ -185,6 +188,8 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     progress = Progress()
 
+    if rt.is_main:
+        remove_partial(out_dir)  # a save cut short by a kill
     resume_from = latest_checkpoint(out_dir) if tc.resume else None
     if resume_from is not None:
         progress = _restore(resume_from, model, optimizer, scaler, train_batches, rt, tc, tokenizer_dir)
@@ -222,61 +227,106 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
         return out
 
     step = Stepper(wrapped, model, optimizer, scaler, rt, tc, say=log.line)
+    stop = StopRequest()
     bar = tqdm(total=total_steps, initial=progress.step, desc=stage, unit="step", disable=not rt.is_main or None,
                dynamic_ncols=True, leave=False)
     wrapped.train()
     last_saved = progress.step if resume_from else -1
     steps_run = 0
-    while fraction_done(progress, tc, total_steps) < 1.0:
-        t0 = time.perf_counter()
-        lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_value, grad_norm = step(train_batches)
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            _skip_nonfinite(progress, log, loss_value)
-            continue
-        progress.nonfinite_in_row = 0
-        progress.step += 1
-        steps_run += 1
-        progress.tokens += tokens_per_step
-        dt = time.perf_counter() - t0
-        if rt.world > 1 and tc.max_time:  # every rank must agree on when time is up
-            dt_all = torch.tensor(dt, dtype=torch.float64, device=rt.device)
-            dist.all_reduce(dt_all, op=dist.ReduceOp.MAX)
-            dt = dt_all.item()
-        progress.elapsed += dt
+    try:
+        while fraction_done(progress, tc, total_steps) < 1.0 and not stop.agreed(rt):
+            t0 = time.perf_counter()
+            lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_value, grad_norm = step(train_batches)
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                _skip_nonfinite(progress, log, loss_value)
+                continue
+            progress.nonfinite_in_row = 0
+            progress.step += 1
+            steps_run += 1
+            progress.tokens += tokens_per_step
+            dt = time.perf_counter() - t0
+            if rt.world > 1 and tc.max_time:  # every rank must agree on when time is up
+                dt_all = torch.tensor(dt, dtype=torch.float64, device=rt.device)
+                dist.all_reduce(dt_all, op=dist.ReduceOp.MAX)
+                dt = dt_all.item()
+            progress.elapsed += dt
 
-        record = {"step": progress.step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                  "tok_per_s": round(tokens_per_step / dt), "tokens": progress.tokens,
-                  "epoch": round(train_batches.progress, 4), "elapsed": round(progress.elapsed, 2)}
-        finished = fraction_done(progress, tc, total_steps) >= 1.0
-        if (tc.eval_every and progress.step % tc.eval_every == 0) or finished:
-            record.update(run_eval())
-        if rt.is_main:
-            if steps_run == PACE_AFTER:
-                log.line(_pace(progress, tc, total_steps, tokens_per_step, dt))
-            bar.update(1)
-            remaining = _eta(progress, tc, total_steps)
-            show = progress.step % tc.log_every == 0 or finished or "val_loss" in record or progress.step == 1
-            log.step(record, total_steps, remaining, show)
-            if tracker:
-                tracker.log(record)
-        if (tc.save_every and progress.step % tc.save_every == 0) or finished:
+            record = {"step": progress.step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
+                      "tok_per_s": round(tokens_per_step / dt), "tokens": progress.tokens,
+                      "epoch": round(train_batches.progress, 4), "elapsed": round(progress.elapsed, 2)}
+            finished = fraction_done(progress, tc, total_steps) >= 1.0
+            if (tc.eval_every and progress.step % tc.eval_every == 0) or finished:
+                record.update(run_eval())
+            if rt.is_main:
+                if steps_run == PACE_AFTER:
+                    log.line(_pace(progress, tc, total_steps, tokens_per_step, dt))
+                bar.update(1)
+                remaining = _eta(progress, tc, total_steps)
+                show = progress.step % tc.log_every == 0 or finished or "val_loss" in record or progress.step == 1
+                log.step(record, total_steps, remaining, show)
+                if tracker:
+                    tracker.log(record)
+            if (tc.save_every and progress.step % tc.save_every == 0) or finished:
+                save()
+                last_saved = progress.step
+        if stop.signal and rt.is_main:
+            log.line(f"{stop.name}: stopping after step {progress.step}; a final checkpoint keeps everything "
+                     "(run the same command again to continue)")
+        if last_saved != progress.step:  # stopped by a signal, a resumed run that was already finished, or an empty loop
             save()
-            last_saved = progress.step
-    if last_saved != progress.step:  # a resumed run that was already finished, or an empty loop
-        save()
+    finally:
+        stop.restore()
     bar.close()
     if tracker:
         tracker.close()
     summary = {"stage": stage, "steps": progress.step, "tokens": progress.tokens, "elapsed": round(progress.elapsed, 1),
                "best_val_loss": progress.best_val_loss, "params": model.num_params(),
-               "checkpoint": str(latest_checkpoint(out_dir))}
+               "checkpoint": str(latest_checkpoint(out_dir)), "stopped_by": stop.name}
     if rt.is_main:
-        log.line(f"done: {progress.step} steps, {progress.tokens:,} tokens in {format_duration(progress.elapsed)}; "
+        log.line(f"{'stopped' if stop.signal else 'done'}: {progress.step} steps, {progress.tokens:,} tokens in {format_duration(progress.elapsed)}; "
                  f"checkpoint {summary['checkpoint']}")
     return summary
+
+
+class StopRequest:
+    """SIGTERM or SIGINT during training (preemption, Ctrl-C) asks the loop to stop after the current
+    step and save; a second signal stops at once (the last complete checkpoint stays intact). Under
+    torchrun the ranks agree (a max all-reduce per step) so they all stop at the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            self.restore()
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.signal = signum
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signal).name if self.signal else None
+
+    def agreed(self, rt: Runtime) -> bool:
+        if rt.world == 1:
+            return self.signal is not None
+        flag = torch.tensor(0 if self.signal is None else int(self.signal), device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signal is None:
+            self.signal = int(flag.item())  # another rank was signalled
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
 
 class Stepper:

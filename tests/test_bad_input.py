@@ -1,0 +1,67 @@
+"""Bad input gets a clear error that names the file (and line and field where there is one), and
+loses nothing: no half-written output is ever left where a later stage would read it."""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tinylm.checkpoint import latest_checkpoint
+from tinylm.cli import main
+
+
+def _run(capsys, *args) -> tuple[int, str]:
+    code = main(["run", "--config", "tiny", *args])
+    return code, capsys.readouterr().err
+
+
+def test_an_empty_corpus_stops_before_the_tokenizer_is_trained(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    code, err = _run(capsys, "--out", str(tmp_path / "run"), f"--data.corpus={empty}", "--sft.corpus=[]")
+    assert code == 2 and "no training documents in" in err and "empty.txt" in err
+    assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+def test_a_corpus_smaller_than_one_batch_says_what_to_change(tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("Once upon a time there was a cat.\n")
+    code, err = _run(capsys, "--out", str(tmp_path / "run"), f"--data.corpus={small}", "--sft.corpus=[]",
+                     "--data.val_fraction=0")
+    assert code == 2 and "windows of" in err and "use more data" in err
+
+
+@pytest.mark.parametrize("content, where", [
+    (b'{"text": "fine"}\n{"text": "cut\n', "bad.jsonl:2: invalid JSON"),
+    (b'{"text": "fine"}\n{"txt": "wrong field"}\n', "bad.jsonl:2: no field 'text'"),
+    (b'{"text": "fine"}\n{"text": ["not", "a", "string"]}\n', "bad.jsonl:2: field 'text' must be a string"),
+    (b'{"text": "fine"}\n{"text": "\xff\xfe bytes"}\n', "bad.jsonl:2: not valid UTF-8"),
+])
+def test_a_bad_corpus_line_is_named(tmp_path, capsys, content, where):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    code, err = _run(capsys, "--out", str(tmp_path / "run"), f"--data.corpus={bad}")
+    assert code == 2 and where in err, err
+
+
+def test_a_full_disk_while_saving_keeps_no_half_checkpoint(prepared, tmp_path):
+    """The file-size limit makes every write past 300 kB fail as a full disk does: the checkpoint being
+    written is discarded, the error names the file, and the same command succeeds once there is room."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tinylm.cli", "pretrain", "--config", "tiny", "--shards", str(prepared["shards"]),
+           "--out", str(out), "--train.max_steps=4", f"--data.corpus={prepared['cfg'].data.corpus[0]}"]
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=small_disk,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert full.returncode == 1, full.stderr[-2000:]
+    assert "File too large" in full.stderr and "model.safetensors" in full.stderr
+    assert latest_checkpoint(out) is None and not list((out / "checkpoints").glob("*.tmp"))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and latest_checkpoint(out).name == "step-0000004"
