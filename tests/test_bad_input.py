@@ -65,3 +65,23 @@ def test_a_full_disk_while_saving_keeps_no_half_checkpoint(prepared, tmp_path):
     assert latest_checkpoint(out) is None and not list((out / "checkpoints").glob("*.tmp"))
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and latest_checkpoint(out).name == "step-0000004"
+
+
+def test_an_interrupted_output_is_never_half_there(tmp_path):
+    """Every stage writes through atomic_dir: a failure mid-way leaves the previous complete output."""
+    from tinylm.io import atomic_dir
+
+    target = tmp_path / "tokenizer"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.json").write_text("complete")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.json").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert (target / "a.json").read_text() == "complete" and not (tmp_path / "tokenizer.tmp").exists()
+    # a kill between "move the old aside" and "move the new in" leaves only the old: it is restored
+    os.replace(target, tmp_path / "tokenizer.old")
+    with atomic_dir(target) as tmp:
+        assert (target / "a.json").read_text() == "complete"
+        (tmp / "a.json").write_text("new")
+    assert (target / "a.json").read_text() == "new" and not (tmp_path / "tokenizer.old").exists()

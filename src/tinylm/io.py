@@ -51,6 +51,9 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp")
+    old = target.with_name(f"{target.name}.old")
+    if old.exists() and not target.exists():  # killed between the two renames below: put the old one back
+        os.replace(old, target)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -60,7 +63,6 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        old = target.with_name(f"{target.name}.old")
         if target.exists():
             if old.exists():
                 shutil.rmtree(old)
