@@ -9,6 +9,7 @@ cleaning run only when a `[collect]` source is configured; the cleaned corpus th
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from .config import Config, to_toml
@@ -36,6 +37,7 @@ def tokenizer_stage(cfg: Config, out_dir: str | Path, force: bool = False, progr
         say(f"tokenizer: up to date in {out_dir}")
         return out_dir
     say(f"tokenizer: training {cfg.tokenizer.kind} with {cfg.tokenizer.vocab_size} tokens on {', '.join(cfg.data.corpus)}")
+    t0 = time.perf_counter()
     counted = {"docs": 0}
 
     def train_texts():
@@ -59,9 +61,16 @@ def tokenizer_stage(cfg: Config, out_dir: str | Path, force: bool = False, progr
              extra_meta={"inputs_hash": inputs_hash, "held_out_compression": compression,
                          "config": dataclasses.asdict(cfg.tokenizer)})
     write_text(out_dir / "config.toml", to_toml(cfg))
+    _record_seconds(out_dir, t0)
     say(f"tokenizer: {tok.vocab_size} tokens -> {out_dir}; held-out compression "
         f"{compression['bytes_per_token']} bytes/token over {compression['docs']} documents")
     return out_dir
+
+
+def _record_seconds(out_dir: Path, t0: float) -> None:
+    """Add the stage's wall time to its meta.json (for the run report)."""
+    meta = read_json(out_dir / "meta.json")
+    write_json(out_dir / "meta.json", {**meta, "seconds": round(time.perf_counter() - t0, 1)})
 
 
 # --- shards ----------------------------------------------------------------------------------------
@@ -75,10 +84,12 @@ def shards_stage(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path, fo
         say(f"shards: up to date in {out_dir}")
         return out_dir
     say(f"shards: tokenizing {', '.join(cfg.data.corpus)}")
+    t0 = time.perf_counter()
     meta = build_shards(split_documents(cfg.data), tokenizer_dir, out_dir, cfg.data, progress=progress,
                         extra_meta={"inputs_hash": inputs_hash, "tokenizer_dir": str(tokenizer_dir.resolve()),
                                     "config": data_settings})
     write_text(out_dir / "config.toml", to_toml(cfg))
+    _record_seconds(out_dir, t0)
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     say(f"shards: train {tr['tokens']:,} tokens / {tr['docs']:,} docs, val {va['tokens']:,} tokens / "
         f"{va['docs']:,} docs ({meta['dtype']}) -> {out_dir}")
@@ -114,6 +125,7 @@ def clean_stage(cfg: Config, out_dir: str | Path, force: bool = False, progress:
         say(f"clean: up to date in {out_dir}")
         return read_json(out_dir / "report.json")
     say(f"clean: {', '.join(cfg.data.corpus)}")
+    t0 = time.perf_counter()
     report = clean_corpus(read_documents(cfg.data), out_dir, cfg.clean, cfg.data.workers, progress=progress)
     if cfg.clean.contamination:
         report["contamination"] = check_contamination(out_dir / "clean.jsonl", cfg.clean, cfg.data.val_fraction)
@@ -122,7 +134,8 @@ def clean_stage(cfg: Config, out_dir: str | Path, force: bool = False, progress:
             say(f"contamination: {r['contaminated']:,} of {r['docs']:,} {name} documents share a "
                 f"{cfg.clean.contamination_ngram}-word sequence with the training documents")
     write_text(out_dir / "config.toml", to_toml(cfg))
-    write_json(out_dir / "meta.json", {"inputs_hash": inputs_hash, "docs": report["docs_out"], "bytes": report["bytes_out"]})
+    write_json(out_dir / "meta.json", {"inputs_hash": inputs_hash, "docs": report["docs_out"], "bytes": report["bytes_out"],
+                                       "seconds": round(time.perf_counter() - t0, 1)})
     say(f"clean: kept {report['docs_out']:,} of {report['docs_in']:,} documents -> {out_dir / 'clean.jsonl'}")
     return report
 

@@ -256,6 +256,10 @@ def _summary(run_dir: Path, head: dict) -> Section:
     rows = [[stage, head[stage]["step"], head[stage]["tokens"], format_duration(head[stage]["elapsed"]),
              _n(head[stage].get("best_val_loss"))] for stage in STAGES if stage in head]
     s.table(["stage", "steps", "tokens", "training time", "best validation loss"], rows)
+    timings = [[stage, format_duration(meta["seconds"])] for stage in ("clean", "tokenizer", "shards")
+               if (meta := _json(run_dir / stage / "meta.json")) and "seconds" in meta]
+    timings += [[stage, format_duration(head[stage]["elapsed"])] for stage in STAGES if stage in head]
+    s.table(["stage", "wall time"], timings)
     return s
 
 
