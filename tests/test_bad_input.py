@@ -85,3 +85,31 @@ def test_an_interrupted_output_is_never_half_there(tmp_path):
         assert (target / "a.json").read_text() == "complete"
         (tmp / "a.json").write_text("new")
     assert (target / "a.json").read_text() == "new" and not (tmp_path / "tokenizer.old").exists()
+
+
+def test_a_huge_line_is_cut_into_pieces_at_whitespace(tmp_path):
+    from tinylm.config import DataConfig
+    from tinylm.corpus import read_documents
+
+    words = " ".join(f"word{i}" for i in range(20_000))  # one 188 kB line
+    (tmp_path / "one.jsonl").write_text('{"text": "%s"}\n' % words)
+    docs = list(read_documents(DataConfig(corpus=[str(tmp_path / "one.jsonl")], max_doc_chars=10_000)))
+    assert len(docs) > 18 and all(len(d.text) <= 10_000 for d in docs)
+    assert "".join(d.text for d in docs) == words  # nothing lost, nothing added
+    assert all(d.text.endswith(" ") for d in docs[:-1])  # cut after a space, never inside a word
+    assert [d.source.rsplit("#", 1)[1] for d in docs[:2]] == ["part-1", "part-2"]
+
+
+@pytest.mark.slow
+def test_a_100_mb_line_goes_through_the_shard_stage(prepared, tmp_path):
+    """A single 100 MB line in a text file: read, cut into 1 MB pieces, tokenized, nothing lost."""
+    from tinylm.config import load_config
+    from tinylm.prepare import shards_stage
+    from tinylm.shards import load_split
+
+    line = ("the cat sat on the mat and looked at the dog " * 2_300_000)[:100_000_000]
+    (tmp_path / "huge.txt").write_text(line + "\n")
+    cfg = load_config("tiny", {"data.corpus": [str(tmp_path / "huge.txt")], "data.val_fraction": 0.0})
+    shards_stage(cfg, prepared["tokenizer"], tmp_path / "shards", progress=False)
+    _, info = load_split(tmp_path / "shards", "train")
+    assert info["docs"] in (100, 101) and info["bytes"] == 100_000_000  # pieces cut at spaces: just under 1 MB

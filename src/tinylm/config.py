@@ -85,6 +85,7 @@ class DataConfig:
     text_fields: list[str] = field(default_factory=lambda: ["text", "content"])  # JSON fields holding text, first found wins
     doc_separator: str = "<|endoftext|>"  # a line holding only this splits a .txt file into documents
     txt_chunk_chars: int = 8192  # .txt files without separators are cut at blank lines into documents of about this size
+    max_doc_chars: int = 1_000_000  # longer documents (a 100 MB line) are cut at whitespace into pieces of at most this size, sources marked #part-N
     val_fraction: float = 0.05  # share of documents held out for validation
     val_split: str = "hash"  # "hash": a stable hash of each document's text decides; "tail": the last val_fraction of the corpus text
     shard_tokens: int = 50_000_000  # tokens per shard file

@@ -189,13 +189,31 @@ def corpus_files(paths: Iterable[str]) -> list[Path]:
 
 
 def read_documents(cfg: DataConfig) -> Iterator[Document]:
-    """Every document of the configured corpus, in a fixed order."""
+    """Every document of the configured corpus, in a fixed order; none longer than data.max_doc_chars."""
     files = corpus_files(cfg.corpus)
     for p in cfg.corpus:
         if p == BUILTIN:
             yield from builtin_documents()
     for path in files:
-        yield from READERS[_suffix(path)](path, cfg)
+        for doc in READERS[_suffix(path)](path, cfg):
+            if cfg.max_doc_chars and len(doc.text) > cfg.max_doc_chars:
+                yield from cut_document(doc, cfg.max_doc_chars)
+            else:
+                yield doc
+
+
+def cut_document(doc: Document, limit: int) -> Iterator[Document]:
+    """Pieces of at most `limit` characters, cut after the last whitespace before the limit (or at
+    the limit when there is none), so that one huge line cannot make one huge tokenizer call."""
+    text, start, part = doc.text, 0, 0
+    while start < len(text):
+        end = min(len(text), start + limit)
+        if end < len(text):
+            space = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+            end = space + 1 if space > start else end
+        part += 1
+        yield Document(text[start:end], f"{doc.source}#part-{part}")
+        start = end
 
 
 def files_fingerprint(paths: list[str]) -> list[dict]:
@@ -212,7 +230,7 @@ def files_fingerprint(paths: list[str]) -> list[dict]:
 
 def corpus_fingerprint(cfg: DataConfig) -> dict:
     return {"inputs": files_fingerprint(cfg.corpus), "text_fields": cfg.text_fields, "doc_separator": cfg.doc_separator,
-            "txt_chunk_chars": cfg.txt_chunk_chars, "val_fraction": cfg.val_fraction, "val_split": cfg.val_split}
+            "txt_chunk_chars": cfg.txt_chunk_chars, "max_doc_chars": cfg.max_doc_chars, "val_fraction": cfg.val_fraction, "val_split": cfg.val_split}
 
 
 # --- the built-in corpus: real English conversations from two PyPI packages -------------------
