@@ -158,12 +158,13 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint(prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_under_torchrun_two_ranks(prepared, tmp_path):
+@pytest.mark.parametrize("verb", ["pretrain", "sft"])
+def test_sigterm_under_torchrun_two_ranks(prepared, sft_inputs, tmp_path, verb):
     """torchrun passes SIGTERM to both ranks; they agree on the step, rank 0 saves, and a rerun of the
     same torchrun command ends with the weights of an uninterrupted 2-rank run."""
     reference_out, out = tmp_path / "reference", tmp_path / "run"
-    _finish(_command(prepared, reference_out, "pretrain", nproc=2))
-    cmd = _command(prepared, out, "pretrain", nproc=2)
+    _finish(_command(prepared, reference_out, verb, nproc=2, **sft_inputs))
+    cmd = _command(prepared, out, verb, nproc=2, **sft_inputs)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
                             start_new_session=True)
     deadline = time.time() + 300

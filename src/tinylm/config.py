@@ -140,6 +140,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"  # "auto" (bf16 where supported, fp16+scaler on old GPUs), "bf16", "fp16", "fp32"
     compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable GPU runs and resumes, a little slower (CPU runs are repeatable anyway)
     parallel: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (FSDP2: weights, gradients and optimizer sharded)
     batch_size: int = 16  # sequences per micro-batch (per rank)
     grad_accum: int = 1  # micro-batches per optimizer step

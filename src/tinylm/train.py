@@ -97,6 +97,9 @@ def setup_runtime(tc: TrainConfig) -> Runtime:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if tc.deterministic:  # same seed, same bits: also for cuBLAS, which needs a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=False)
     return Runtime(device, pick_dtype(tc.dtype, device), rank, world, local_rank)
 
 
