@@ -1,6 +1,7 @@
-"""Make docs/webapp.png: start `tinylm web` on a run, chat twice in headless Chromium, screenshot.
+"""The README's screenshots, taken in headless Chromium (Debian's /usr/bin/chromium).
 
-    python docs/screenshot.py runs/default
+    python docs/screenshot.py runs/default          # docs/webapp.png: `tinylm web`, two chat turns
+    python docs/screenshot.py report runs/default   # docs/report.png: the top of RUN/report.html
 """
 
 import socket
@@ -46,5 +47,26 @@ def main(run: str, out: str = str(Path(__file__).with_name("webapp.png"))) -> No
     print(f"wrote {out}")
 
 
+LAUNCH = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+          "--disable-sync", "--no-first-run"]
+
+
+def report(run: str, out: str = str(Path(__file__).with_name("report.png"))) -> None:
+    """The report page as it opens: no server, a file URL, nothing fetched."""
+    from tinylm.report import write_report
+
+    html_path, _ = write_report(run)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=LAUNCH)
+        page = browser.new_page(viewport={"width": 1100, "height": 1450})
+        page.goto(html_path.resolve().as_uri(), wait_until="load")
+        page.screenshot(path=out)
+        browser.close()
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["report"]:
+        report(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])

@@ -50,7 +50,7 @@ def test_report_shows_what_the_run_wrote(run_dir):
 
     md = md_path.read_text(encoding="utf-8")
     assert "![pretrain curves" in md and (run_dir / "report/pretrain.png").stat().st_size > 10_000
-    assert f"{bpb['bits_per_byte']:.4f}" in md and "| stage | steps |" in md
+    assert f"{bpb['bits_per_byte']:.4f}" in md and "| stage | wall time | result |" in md
 
 
 def test_metrics_logged_twice_after_a_resume_keep_the_last_record(tmp_path):

@@ -209,14 +209,14 @@ def shards_bits_per_byte(model: Transformer, shards_dir: str | Path, batch_size:
     return {**result, "docs": info["docs"] if not max_windows else None, "split_bytes": info["bytes"]}
 
 
-def chat_loss(model: Transformer, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict:
+def chat_loss(model: Transformer, rows: Sequence[tuple[Sequence[int], Sequence[int]]], items: str = "conversations") -> dict:
     """Held-out conversations: mean loss on the assistant tokens only (what SFT trains), with a
     bootstrap interval over conversations; chance is a uniform guess over the vocabulary."""
     scored = [(-logp, count) for logp, count in masked_logprobs(model, rows) if count]
     nll, counts = [x for x, _ in scored], [n for _, n in scored]
     loss = sum(nll) / max(1, sum(counts))
     low, high = bootstrap_ratio(nll, counts)
-    return {"n": len(scored), "items": "conversations", "assistant_tokens": int(sum(counts)),
+    return {"n": len(scored), "items": items, "assistant_tokens": int(sum(counts)),
             "loss": round(loss, 5), "ci95": [round(low, 5), round(high, 5)], "perplexity": round(math.exp(loss), 3),
             "chance": round(math.log(model.cfg.vocab_size), 5)}
 
@@ -286,7 +286,7 @@ def evaluate_checkpoint(checkpoint: str | Path, texts: Sequence[str] = (), blimp
     if shards:
         results["validation_shards"] = shards_bits_per_byte(model, shards, max_windows=max_items)
     if sft_data:
-        results["chat:held-out"] = chat_loss(model, _sft_val_rows(sft_data, max_items))
+        results["chat:held-out"] = chat_loss(model, _sft_val_rows(sft_data, max_items), "conversation pieces")
     for path in chat:
         results[f"chat:{Path(path).name}"] = chat_loss(model, _conversation_rows(tok, [path], max_items))
     for path in texts:

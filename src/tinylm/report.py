@@ -184,7 +184,7 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
     if data.blocks:
         sections.append(data)
 
-    evals = Section("Evaluation")
+    evals, eval_rows = Section("Evaluation"), []
     for stage in STAGES:
         stage_dir = run_dir / stage
         ckpt = latest_checkpoint(stage_dir)
@@ -202,17 +202,17 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
                                  f"context {m['max_seq_len']}, vocabulary {m['vocab_size']:,}")
             head[stage] = t
             tc = meta["config"]["train"]
+            ran_on = t.get("ran_on") or f"device {tc['device']}, dtype {tc['dtype']}"
             sec.p(f"{t['step']:,} steps, {t['tokens']:,} tokens in {format_duration(t['elapsed'])} of training; "
                   f"best validation loss {_n(t.get('best_val_loss'))}; newest checkpoint `{ckpt.relative_to(run_dir)}` "
-                  f"(device {tc['device']}, dtype {tc['dtype']}, compile {tc['compile']}).")
+                  f"({ran_on}, compile {tc['compile']}).")
             scores = _json(ckpt / "eval.json")
             if scores:
                 from .evaluate import score_table
 
-                evals.table(["checkpoint", "task", "metric", "score", "95% interval", "items", "chance"],
-                            [[stage, r["task"], r["metric"], _n(r["value"]),
-                              f"{_n(r['ci95'][0])} – {_n(r['ci95'][1])}" if r.get("ci95") else "–", r["n"], _n(r.get("chance"))]
-                             for r in score_table(scores)])
+                eval_rows += [[stage, r["task"], r["metric"], _n(r["value"]),
+                               f"{_n(r['ci95'][0])} – {_n(r['ci95'][1])}" if r.get("ci95") else "–", r["n"], _n(r.get("chance"))]
+                              for r in score_table(scores)]
         if records:
             png = image_dir / f"{stage}.png"
             plot_curves(records, png, f"{stage}: {len(records):,} steps")
@@ -224,7 +224,8 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
                         _n(next((r["val_bpb"] for r in reversed(records) if "val_bpb" in r), None)),
                         f"{speeds[len(speeds) // 2]:,}"]])
         sections.append(sec)
-    if evals.blocks:
+    if eval_rows:
+        evals.table(["checkpoint", "task", "metric", "score", "95% interval", "items", "chance"], eval_rows)
         evals.p("Bits/byte and losses: lower is better; accuracies: higher. Chance is what a uniform guess scores.")
         sections.append(evals)
 
@@ -242,6 +243,7 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
 
     setup = Section("Configuration and versions")
     if (run_dir / "config.toml").is_file():
+        setup.p("The resolved configuration (`config.toml`):")
         setup.pre((run_dir / "config.toml").read_text(encoding="utf-8"))
     setup.table(["component", "version"], versions())
     sections.append(setup)
@@ -253,13 +255,19 @@ def _summary(run_dir: Path, head: dict) -> Section:
     s.p(f"Run `{run_dir}`, report written {time.strftime('%Y-%m-%d %H:%M')}.")
     if "model" in head:
         s.p(f"Model: {head['model']}.")
-    rows = [[stage, head[stage]["step"], head[stage]["tokens"], format_duration(head[stage]["elapsed"]),
-             _n(head[stage].get("best_val_loss"))] for stage in STAGES if stage in head]
-    s.table(["stage", "steps", "tokens", "training time", "best validation loss"], rows)
-    timings = [[stage, format_duration(meta["seconds"])] for stage in ("clean", "tokenizer", "shards")
-               if (meta := _json(run_dir / stage / "meta.json")) and "seconds" in meta]
-    timings += [[stage, format_duration(head[stage]["elapsed"])] for stage in STAGES if stage in head]
-    s.table(["stage", "wall time"], timings)
+    rows = []
+    for stage, made in (("clean", lambda m: f"{m['docs']:,} documents kept"),
+                        ("tokenizer", lambda m: f"{m['vocab_size']:,} tokens"),
+                        ("shards", lambda m: f"{m['splits']['train']['tokens']:,} training tokens")):
+        meta = _json(run_dir / stage / "meta.json")
+        if meta:
+            rows.append([stage, format_duration(meta["seconds"]) if "seconds" in meta else "–", made(meta)])
+    for stage in STAGES:
+        if stage in head:
+            t = head[stage]
+            rows.append([stage, format_duration(t["elapsed"]),
+                         f"{t['step']:,} steps, {t['tokens']:,} tokens, best validation loss {_n(t.get('best_val_loss'))}"])
+    s.table(["stage", "wall time", "result"], rows)
     return s
 
 
@@ -286,7 +294,7 @@ def render_html(title: str, sections: list[Section], image_dir: Path) -> str:
             if kind == "p":
                 out.append(f"<p>{_inline(args[0])}</p>")
             elif kind == "pre":
-                out.append(f"<pre>{html.escape(args[0])}</pre>")
+                out.append(f"<details><summary>show</summary><pre>{html.escape(args[0])}</pre></details>")
             elif kind == "img":
                 data = base64.b64encode((image_dir / args[0]).read_bytes()).decode()
                 out.append(f'<p><img src="data:image/png;base64,{data}" alt="{html.escape(args[1])}"></p>')

@@ -210,7 +210,8 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
         weights, optim_state = full_state(model, optimizer, rt, tc)  # collective under FSDP
         if rt.is_main:
             trainer = {**progress.__dict__, "data": train_batches.state_dict(), "stage": stage,
-                       "tokens_per_step": tokens_per_step, "total_steps": total_steps}
+                       "tokens_per_step": tokens_per_step, "total_steps": total_steps,
+                       "ran_on": f"{rt.device} {str(rt.dtype).replace('torch.', '')} x{rt.world}"}
             extra = {"scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state()}
             if rt.device.type == "cuda":
                 extra["rng_cuda"] = torch.cuda.get_rng_state(rt.device)
