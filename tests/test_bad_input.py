@@ -113,3 +113,29 @@ def test_a_100_mb_line_goes_through_the_shard_stage(prepared, tmp_path):
     shards_stage(cfg, prepared["tokenizer"], tmp_path / "shards", progress=False)
     _, info = load_split(tmp_path / "shards", "train")
     assert info["docs"] in (100, 101) and info["bytes"] == 100_000_000  # pieces cut at spaces: just under 1 MB
+
+
+def test_a_tokenizer_that_does_not_match_is_refused(prepared, tmp_path):
+    """Shards made by one tokenizer are not trained with another, and a run is not resumed with another."""
+    import shutil
+
+    from tinylm.checkpoint import CheckpointError
+    from tinylm.config import load_config
+    from tinylm.pipeline import pretrain
+    from tinylm.prepare import tokenizer_stage
+
+    cfg = load_config("tiny", {"data.corpus": [str(prepared["cfg"].data.corpus[0])], "train.max_steps": 2,
+                               "tokenizer.vocab_size": 320})
+    other = tokenizer_stage(cfg, tmp_path / "other-tokenizer", progress=False)
+    with pytest.raises(ValueError, match="was made with another tokenizer"):
+        pretrain(cfg, prepared["shards"], tmp_path / "a", tokenizer_dir=other)
+    # a run trained with the shards' tokenizer, run again after its tokenizer folder was replaced: refused
+    tiny = load_config("tiny", {"data.corpus": [str(prepared["cfg"].data.corpus[0])], "train.max_steps": 2})
+    swapped = tmp_path / "tok"
+    shutil.copytree(prepared["tokenizer"], swapped)
+    pretrain(tiny, prepared["shards"], tmp_path / "b", tokenizer_dir=swapped)
+    shutil.rmtree(swapped)
+    shutil.copytree(other, swapped)
+    with pytest.raises((CheckpointError, ValueError), match="another tokenizer"):
+        pretrain(load_config("tiny", {"data.corpus": [str(prepared["cfg"].data.corpus[0])], "train.max_steps": 4}),
+                 prepared["shards"], tmp_path / "b", tokenizer_dir=swapped)
