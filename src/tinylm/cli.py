@@ -124,6 +124,16 @@ def cmd_run(args, overrides) -> int:
     return _exit_code(run(cfg, out))
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every rank before tearing the group down, so that no rank closes its
+    connections while another is still printing or saving (gloo reports that as a crash)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _exit_code(summary: dict) -> int:
     """0 when the stage finished; 128 + the signal number when a signal stopped it after a final checkpoint
     (as a shell reports a signalled program, so schedulers see the job did not finish)."""
@@ -173,8 +183,7 @@ def cmd_pretrain(args, overrides) -> int:
     summary = pretrain(_config(args, overrides), args.shards, args.out or "runs/default/pretrain")
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(summary, indent=2, default=str))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    _leave_process_group()
     return _exit_code(summary)
 
 
@@ -187,8 +196,7 @@ def cmd_sft(args, overrides) -> int:
     summary = sft(_config(args, overrides, base=base), args.checkpoint, args.out or "runs/default/sft")
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(summary, indent=2, default=str))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    _leave_process_group()
     return _exit_code(summary)
 
 
