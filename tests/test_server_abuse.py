@@ -72,11 +72,11 @@ def test_fifty_concurrent_streams(lm):
         def one(i):
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=_chat(12, True, seed=i), timeout=120) as r:
                 lines = [ln for ln in r.iter_lines() if ln]
-            return r.status_code, lines[-1], sum("content" in ln for ln in lines)
+            return r.status_code, lines[-1]
 
         with ThreadPoolExecutor(50) as pool:
             results = list(pool.map(one, range(50)))
-        assert all(status == 200 and last == "data: [DONE]" for status, last, _ in results)
+        assert results == [(200, "data: [DONE]")] * 50
         _wait_idle(url)
 
 

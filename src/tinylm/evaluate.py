@@ -9,10 +9,11 @@ with different tokenizers can be compared. All scoring goes through one function
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,14 @@ def continuation_logprobs(model: Transformer, pairs: Sequence[tuple[Sequence[int
     return [logp for logp, _ in masked_logprobs(model, rows, batch_size)]
 
 
+def _windows(ids: Sequence[int], window: int) -> Iterator[tuple[Sequence[int], list[int]]]:
+    """Consecutive (ids, mask) rows of window + 1 tokens overlapping by one: every token after the
+    first is scored exactly once, with the tokens before it in its window as context."""
+    for start in range(0, len(ids) - 1, window):
+        piece = ids[start:start + window + 1]
+        yield piece, [0] + [1] * (len(piece) - 1)
+
+
 def _text_score(nll: Sequence[float], tokens: Sequence[int], n_bytes: Sequence[int], vocab: int, items: str) -> dict:
     """Loss per token and bits per byte with bootstrap intervals over `items`, and a uniform model's figures."""
     total_nll, total_tokens, total_bytes = float(sum(nll)), max(1, sum(tokens)), max(1, sum(n_bytes))
@@ -110,10 +119,8 @@ def bits_per_byte(model: Transformer, tok: Tokenizer, texts: Iterable[str], batc
     window = model.cfg.max_seq_len
     rows, doc_of, n_bytes = [], [], []
     for doc, text in enumerate(texts):
-        ids = tok.encode_document(text)
-        for start in range(0, len(ids) - 1, window):  # each window predicts ids[start+1 : start+window+1]
-            piece = ids[start:start + window + 1]
-            rows.append((piece, [0] + [1] * (len(piece) - 1)))
+        for row in _windows(tok.encode_document(text), window):
+            rows.append(row)
             doc_of.append(doc)
         n_bytes.append(len(text.encode("utf-8")))
     nll, tokens = [0.0] * len(n_bytes), [0] * len(n_bytes)
@@ -192,21 +199,13 @@ def shards_bits_per_byte(model: Transformer, shards_dir: str | Path, batch_size:
     from .shards import load_split
 
     arrays, info = load_split(shards_dir, "val")
-    window = model.cfg.max_seq_len
-    rows = []
-    for array in arrays:
-        ids = array.tolist()
-        for start in range(0, len(ids) - 1, window):
-            piece = ids[start:start + window + 1]
-            rows.append((piece, [0] + [1] * (len(piece) - 1)))
-    per_token = info["bytes"] / max(1, sum(len(ids) - 1 for ids, _ in rows))  # the split's bytes per scored token
-    if max_windows:
-        rows = rows[:max_windows]
+    per_token = info["bytes"] / max(1, sum(max(0, len(a) - 1) for a in arrays))  # the split's bytes per scored token
+    rows = itertools.chain.from_iterable(_windows(a, model.cfg.max_seq_len) for a in arrays)
+    rows = [(ids.tolist(), mask) for ids, mask in itertools.islice(rows, max_windows or None)]
     scored = masked_logprobs(model, rows, batch_size)
     tokens = [count for _, count in scored]
-    result = _text_score([-logp for logp, _ in scored], tokens, [count * per_token for count in tokens],
-                         model.cfg.vocab_size, "windows")
-    return {**result, "docs": info["docs"] if not max_windows else None, "split_bytes": info["bytes"]}
+    return _text_score([-logp for logp, _ in scored], tokens, [count * per_token for count in tokens],
+                       model.cfg.vocab_size, "windows")
 
 
 def chat_loss(model: Transformer, rows: Sequence[tuple[Sequence[int], Sequence[int]]], items: str = "conversations") -> dict:

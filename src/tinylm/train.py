@@ -238,7 +238,7 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
     last_saved = progress.step if resume_from else -1
     steps_run = 0
     try:
-        while fraction_done(progress, tc, total_steps) < 1.0 and not stop.agreed(rt):
+        while fraction_done(progress, tc, total_steps) < 1.0 and not stop.agreed:
             t0 = time.perf_counter()
             lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc)
             for group in optimizer.param_groups:
@@ -251,11 +251,7 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
             progress.step += 1
             steps_run += 1
             progress.tokens += tokens_per_step
-            dt = time.perf_counter() - t0
-            if rt.world > 1 and tc.max_time:  # every rank must agree on when time is up
-                dt_all = torch.tensor(dt, dtype=torch.float64, device=rt.device)
-                dist.all_reduce(dt_all, op=dist.ReduceOp.MAX)
-                dt = dt_all.item()
+            dt = stop.agree(rt, time.perf_counter() - t0)  # ranks agree on the step time and on stopping
             progress.elapsed += dt
 
             record = {"step": progress.step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
@@ -276,7 +272,7 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
             if (tc.save_every and progress.step % tc.save_every == 0) or finished:
                 save()
                 last_saved = progress.step
-        if stop.signal and rt.is_main:
+        if stop.agreed and rt.is_main:
             log.line(f"{stop.name}: stopping after step {progress.step}; a final checkpoint keeps everything "
                      "(run the same command again to continue)")
         if last_saved != progress.step:  # stopped by a signal, a resumed run that was already finished, or an empty loop
@@ -290,7 +286,7 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
                "best_val_loss": progress.best_val_loss, "params": model.num_params(),
                "checkpoint": str(latest_checkpoint(out_dir)), "stopped_by": stop.name}
     if rt.is_main:
-        log.line(f"{'stopped' if stop.signal else 'done'}: {progress.step} steps, {progress.tokens:,} tokens in {format_duration(progress.elapsed)}; "
+        log.line(f"{'stopped' if stop.agreed else 'done'}: {progress.step} steps, {progress.tokens:,} tokens in {format_duration(progress.elapsed)}; "
                  f"checkpoint {summary['checkpoint']}")
     return summary
 
@@ -298,34 +294,38 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
 class StopRequest:
     """SIGTERM or SIGINT during training (preemption, Ctrl-C) asks the loop to stop after the current
     step and save; a second signal stops at once (the last complete checkpoint stays intact). Under
-    torchrun the ranks agree (a max all-reduce per step) so they all stop at the same step."""
+    torchrun the ranks agree at the end of each step, in the one all-reduce that also agrees on the
+    step time, so that they all stop at the same step."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.signal: int | None = None
+        self.received: int | None = None  # set by the handler, on this rank, at any moment
+        self.agreed: int | None = None  # set at the end of a step, the same on every rank
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
+        if self.received is not None:
             self.restore()
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.signal = signum
+        self.received = signum
 
     @property
     def name(self) -> str | None:
-        return signal.Signals(self.signal).name if self.signal else None
+        return signal.Signals(self.agreed).name if self.agreed else None
 
-    def agreed(self, rt: Runtime) -> bool:
-        if rt.world == 1:
-            return self.signal is not None
-        flag = torch.tensor(0 if self.signal is None else int(self.signal), device=rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.signal is None:
-            self.signal = int(flag.item())  # another rank was signalled
-        return bool(flag.item())
+    def agree(self, rt: Runtime, dt: float) -> float:
+        """The slowest rank's step time (time limits must end every rank at the same step); a signal
+        received by any rank becomes `agreed` on all of them."""
+        received = self.received or 0
+        if rt.world > 1:
+            both = torch.tensor([dt, received], dtype=torch.float64, device=rt.device)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            dt, received = both.tolist()
+        self.agreed = int(received) or None
+        return dt
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
