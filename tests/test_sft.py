@@ -170,3 +170,32 @@ def test_accumulation_weighs_micro_batches_by_answer_tokens(prepared, base_check
         weights[name] = load_file(str(latest_checkpoint(tmp_path / name) / "model.safetensors"))
     for key, value in weights["one"].items():
         assert torch.allclose(value, weights["accumulated"][key], atol=1e-5), key
+
+
+def test_loop_validation_is_the_token_weighted_loss_of_its_rows(prepared, base_checkpoint, tmp_path):
+    """The training loop's validation equals the evaluator's per-token loss on the same rows.
+
+    Answers differ in length, so a mean of per-batch means (what the loop once computed) differs
+    from the per-token mean; batches drawn in a fixed shuffled order cover every row here.
+    """
+    from tinylm.checkpoint import load_checkpoint
+    from tinylm.evaluate import chat_loss
+    from tinylm.pipeline import VAL_SEED, sft_data_stage
+    from tinylm.train import evaluate, setup_runtime
+
+    chats = arithmetic_chats(tmp_path / "chats.jsonl", n=200)
+    cfg = _sft_cfg(prepared, chats, **{"train.dtype": "fp32"})
+    data = sft_data_stage(cfg, base_checkpoint, tmp_path / "data", progress=False)
+    model, tok, _ = load_checkpoint(base_checkpoint)
+    rows = SFTRows.load(data, "val")
+    rt = setup_runtime(cfg.train)
+    batch = 3
+    n_batches = len(rows) // batch  # the tail that does not fill a batch is left out on both sides
+    loop = evaluate(model, lambda: SFTBatches(rows, model.cfg.max_seq_len, batch, tok.pad_id, VAL_SEED),
+                    n_batches, rt)
+    order = SFTBatches(rows, model.cfg.max_seq_len, batch, tok.pad_id, VAL_SEED)._order[:n_batches * batch]
+    with torch.no_grad():
+        reference = chat_loss(model, [tuple(a.tolist() for a in rows.row(int(i))) for i in order])
+        lengths = [int(rows.row(int(i))[1][1:].sum()) for i in order]
+    assert len(set(lengths)) > 1  # answers of different lengths, or the weighting would not matter
+    assert loop == pytest.approx(reference["loss"], abs=1e-4)

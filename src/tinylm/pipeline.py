@@ -28,6 +28,11 @@ from .shards import load_split
 from .tokenizer import Tokenizer
 from .train import Runtime, setup_runtime, train
 
+# Validation batches come in one fixed shuffled order: every validation of a run scores the same
+# sample, spread over the whole held-out split rather than its first rows (documents in file
+# order would make that sample the first few sources only).
+VAL_SEED = 1234
+
 
 # --- pretraining -----------------------------------------------------------------------------------
 def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runtime | None = None,
@@ -52,7 +57,7 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
     if val_windows >= rt.world * tc.batch_size:
         n_val = min(tc.eval_batches, val_windows // (rt.world * tc.batch_size))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n_val))
-        make_val = lambda: PackedBatches(val_arrays, seq, tc.batch_size, 0, rt.rank, rt.world, shuffle=False)  # noqa: E731
+        make_val = lambda: PackedBatches(val_arrays, seq, tc.batch_size, VAL_SEED, rt.rank, rt.world)  # noqa: E731
         bpt = val_info["bytes"] / val_info["tokens"]
     elif rt.is_main:
         say(f"pretrain: validation split too small for one batch ({val_info['tokens']} tokens): no validation loss")
@@ -106,7 +111,7 @@ def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runti
     if len(val_rows) >= rt.world * s.batch_size:
         n_val = min(cfg.train.eval_batches, len(val_rows) // (rt.world * s.batch_size))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_batches=n_val))
-        make_val = lambda: SFTBatches(val_rows, seq, s.batch_size, tok.pad_id, 0, rt.rank, rt.world, shuffle=False)  # noqa: E731
+        make_val = lambda: SFTBatches(val_rows, seq, s.batch_size, tok.pad_id, VAL_SEED, rt.rank, rt.world)  # noqa: E731
     elif rt.is_main:
         say(f"sft: only {len(val_rows)} held-out conversation rows: no validation loss")
     return train(cfg, out_dir, rt, batches, make_val, init_checkpoint, stage="sft")

@@ -158,15 +158,22 @@ def fraction_done(p: Progress, tc: TrainConfig, total_steps: int | None) -> floa
 # --- the loop ------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, make_batches: Callable, n_batches: int, rt: Runtime) -> float:
-    """Mean loss over the first `n_batches` validation micro-batches (all ranks together)."""
+    """Mean loss per target token over `n_batches` validation micro-batches (all ranks together).
+
+    `make_batches` returns batches in the same seeded random order every time, so each validation
+    scores the same sample drawn from the whole held-out split (not its first rows). Each batch
+    weighs by its number of targets, as in training.
+    """
     model.eval()
     batches = make_batches()
-    total = torch.zeros(2, device=rt.device, dtype=torch.float64)  # (sum of losses, count)
+    total = torch.zeros(2, device=rt.device, dtype=torch.float64)  # (sum of token losses, tokens)
     for _ in range(n_batches):
         x, y = batches.next_batch()
+        y = y.to(rt.device)
         with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
-        total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=rt.device)])
+            _, loss = model(x.to(rt.device), y)
+        count = (y != -100).sum().double()
+        total += torch.stack([loss.double() * count, count])
     if rt.world > 1:
         dist.all_reduce(total)
     model.train()
