@@ -1,6 +1,7 @@
 """Bad input gets a clear error that names the file (and line and field where there is one), and
 loses nothing: no half-written output is ever left where a later stage would read it."""
 
+import json
 import os
 import resource
 import signal
@@ -100,6 +101,23 @@ def test_a_huge_line_is_cut_into_pieces_at_whitespace(tmp_path):
     assert [d.source.rsplit("#", 1)[1] for d in docs[:2]] == ["part-1", "part-2"]
 
 
+def test_the_shard_stage_counts_the_documents_it_cut(prepared, tmp_path):
+    from tinylm.config import load_config
+    from tinylm.corpus import read_documents
+    from tinylm.io import read_json
+    from tinylm.prepare import shards_stage
+
+    words = " ".join(f"word{i}" for i in range(5_000))  # 38 kB
+    (tmp_path / "docs.jsonl").write_text('{"text": "%s"}\n{"text": "a short one"}\n{"text": "%s"}\n' % (words, words[:15_000]))
+    cfg = load_config("tiny", {"data.corpus": [str(tmp_path / "docs.jsonl")], "data.max_doc_chars": 10_000,
+                               "data.val_fraction": 0.0})
+    pieces = sum("#part-" in d.source for d in read_documents(cfg.data))
+    shards_stage(cfg, prepared["tokenizer"], tmp_path / "shards", progress=False)
+    meta = read_json(tmp_path / "shards" / "meta.json")
+    assert meta["cut_documents"] == {"documents": 2, "pieces": pieces, "max_doc_chars": 10_000}
+    assert pieces >= 4 + 2 and meta["splits"]["train"]["docs"] == pieces + 1
+
+
 @pytest.mark.slow
 def test_a_100_mb_line_goes_through_the_shard_stage(prepared, tmp_path):
     """A single 100 MB line in a text file: read, cut into 1 MB pieces, tokenized, nothing lost."""
@@ -113,6 +131,8 @@ def test_a_100_mb_line_goes_through_the_shard_stage(prepared, tmp_path):
     shards_stage(cfg, prepared["tokenizer"], tmp_path / "shards", progress=False)
     _, info = load_split(tmp_path / "shards", "train")
     assert info["docs"] in (100, 101) and info["bytes"] == 100_000_000  # pieces cut at spaces: just under 1 MB
+    cut = json.loads((tmp_path / "shards" / "meta.json").read_text())["cut_documents"]
+    assert cut["documents"] == 1 and cut["pieces"] == info["docs"]
 
 
 def test_a_tokenizer_that_does_not_match_is_refused(prepared, tmp_path):

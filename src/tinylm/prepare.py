@@ -93,6 +93,10 @@ def shards_stage(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path, fo
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     say(f"shards: train {tr['tokens']:,} tokens / {tr['docs']:,} docs, val {va['tokens']:,} tokens / "
         f"{va['docs']:,} docs ({meta['dtype']}) -> {out_dir}")
+    cut = meta["cut_documents"]
+    if cut["documents"]:
+        say(f"shards: {cut['documents']:,} documents longer than data.max_doc_chars={cut['max_doc_chars']:,} "
+            f"were cut into {cut['pieces']:,} pieces")
     return out_dir
 
 

@@ -148,7 +148,8 @@ def plot_curves(records: list[dict], out_png: Path, title: str) -> None:
 def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]:
     """Every section of the report, and a few headline facts for the summary."""
     sections: list[Section] = []
-    head: dict = {}
+    data_meta = {stage: _json(run_dir / stage / "meta.json") for stage in ("clean", "tokenizer", "shards")}
+    head: dict = {"data_meta": data_meta}
 
     data = Section("Data")
     manifest = _json(run_dir / "raw" / "manifest.json")
@@ -169,14 +170,17 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
         if clean.get("contamination"):
             data.table(["contamination probe", "documents", "sharing an n-gram with training text", "share"],
                        [[name, c["docs"], c["contaminated"], f"{c['share']:.2%}"] for name, c in clean["contamination"].items()])
-    shards = _json(run_dir / "shards" / "meta.json")
+    shards = data_meta["shards"]
     if shards:
         data.p("Token shards (`shards/`):")
         data.table(["split", "documents", "bytes", "tokens", "bytes/token"],
                    [[split, s["docs"], s["bytes"], s["tokens"], _n(s["bytes"] / max(1, s["tokens"]), 3)]
                     for split, s in shards["splits"].items()])
-        head["train_tokens"] = shards["splits"]["train"]["tokens"]
-    tok = _json(run_dir / "tokenizer" / "meta.json")
+        cut = shards.get("cut_documents", {})
+        if cut.get("documents"):
+            data.p(f"{cut['documents']:,} documents longer than {cut['max_doc_chars']:,} characters were cut "
+                   f"at whitespace into {cut['pieces']:,} pieces (`data.max_doc_chars`).")
+    tok = data_meta["tokenizer"]
     if tok:
         comp = tok.get("held_out_compression", {})
         data.p(f"Tokenizer (`tokenizer/`): {tok['kind']}, {tok['vocab_size']:,} tokens; "
@@ -259,7 +263,7 @@ def _summary(run_dir: Path, head: dict) -> Section:
     for stage, made in (("clean", lambda m: f"{m['docs']:,} documents kept"),
                         ("tokenizer", lambda m: f"{m['vocab_size']:,} tokens"),
                         ("shards", lambda m: f"{m['splits']['train']['tokens']:,} training tokens")):
-        meta = _json(run_dir / stage / "meta.json")
+        meta = head["data_meta"][stage]
         if meta:
             rows.append([stage, format_duration(meta["seconds"]) if "seconds" in meta else "–", made(meta)])
     for stage in STAGES:

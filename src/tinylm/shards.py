@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ SPLITS = ("train", "val")
 BATCH_CHARS = 1 << 18  # characters of text per worker task
 
 _worker_tok: Tokenizer | None = None
+PART = re.compile(r"#part-(\d+)$")  # the source of a piece of a document cut by data.max_doc_chars
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -140,7 +142,17 @@ def build_shards(docs: Iterable[tuple[Document, bool]], tokenizer_dir: str | Pat
     with atomic_dir(out_dir) as tmp:
         writers = {s: ShardWriter(tmp, s, cfg.shard_tokens, dtype) for s in SPLITS}
         bar = tqdm(desc="shards", unit="tok", unit_scale=True, disable=not progress or None)
-        batches = _batches(docs)
+        cut = {"documents": 0, "pieces": 0, "max_doc_chars": cfg.max_doc_chars}
+
+        def counted(docs):
+            for doc, held_out in docs:
+                part = PART.search(doc.source)
+                if part:
+                    cut["pieces"] += 1
+                    cut["documents"] += part.group(1) == "1"
+                yield doc, held_out
+
+        batches = _batches(counted(docs))
         for result in run_in_pool(batches, _encode_batch, _init_worker, (str(tokenizer_dir),), workers):
             for split, part in result.items():
                 writers[split].write(part["ids"])
@@ -155,6 +167,7 @@ def build_shards(docs: Iterable[tuple[Document, bool]], tokenizer_dir: str | Pat
             "vocab_size": tok.vocab_size,
             "tokenizer_fingerprint": tok.fingerprint,
             "splits": {s: w.summary() for s, w in writers.items()},
+            "cut_documents": cut,
             **(extra_meta or {}),
         }
         if meta["splits"]["train"]["tokens"] == 0:
