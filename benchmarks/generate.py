@@ -8,7 +8,9 @@ tokens after a 32-token prompt, greedily, at batch 1 and batch 8, three ways:
   - recompute: the same model run over the whole sequence for every new token (no cache);
   - transformers: `LlamaForCausalLM.generate` on the same weights (its default dynamic cache).
 Prints time to first token, tokens/s (all sequences of the batch) and the ratios, and checks that
-tinylm and transformers produced the same tokens.
+tinylm and transformers produced the same tokens. Also the floor of a batch-1 token: one pass of a
+single row through every weight matrix (a decode step must read all the weights once), which on a
+CPU without much memory bandwidth is most of the step and bounds the ratio to recomputation.
 """
 
 from __future__ import annotations
@@ -36,6 +38,21 @@ def ours(model, prompts) -> tuple[float, float, torch.Tensor]:
     first = time.perf_counter() - start
     tokens += list(steps)
     return first, time.perf_counter() - start, torch.stack(tokens, dim=1)
+
+
+@torch.inference_mode()
+def weight_pass(model, reps: int = 50) -> tuple[float, float]:
+    """(seconds, bytes) of one row times every linear weight of the model, in order, as decoding does."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    for _ in range(5):
+        for w in weights:
+            torch.nn.functional.linear(rows[w.shape[1]], w)
+    start = time.perf_counter()
+    for _ in range(reps):
+        for w in weights:
+            torch.nn.functional.linear(rows[w.shape[1]], w)
+    return (time.perf_counter() - start) / reps, sum(w.numel() * w.element_size() for w in weights)
 
 
 @torch.inference_mode()
@@ -75,6 +92,9 @@ def main() -> None:
         torch.manual_seed(0)
         model = Transformer(cfg.model).eval()
         hf = to_transformers(model)
+        floor, size = weight_pass(model)
+        print(f"{preset:<9} floor of a batch-1 token: reading {size / 1e6:.1f} MB of weights with one row takes "
+              f"{floor * 1000:.2f} ms ({size / floor / 1e9:.1f} GB/s)", flush=True)
         for batch in args.batches:
             prompts = torch.randint(8, cfg.model.vocab_size, (batch, PROMPT))
             ours(model, prompts[:, :4])  # warm up the kernels once
@@ -84,7 +104,8 @@ def main() -> None:
             speed = {name: batch * NEW / total for name, (_, total, _) in results.items()}
             line = "  ".join(f"{name} {speed[name]:,.0f} tok/s (first token {first * 1000:.0f} ms)"
                              for name, (first, _, _) in results.items())
-            print(f"{preset:<9} batch {batch}: {line} | tinylm vs recompute {speed['tinylm'] / speed['recompute']:.1f}x, "
+            per_token = (results["tinylm"][1] - results["tinylm"][0]) / (NEW - 1) * 1000
+            print(f"{preset:<9} batch {batch}: {line} | tinylm {per_token:.2f} ms per step | tinylm vs recompute {speed['tinylm'] / speed['recompute']:.1f}x, "
                   f"vs transformers {speed['tinylm'] / speed['transformers']:.2f}x | same tokens as transformers: {same}",
                   flush=True)
 
