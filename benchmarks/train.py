@@ -4,8 +4,8 @@
 
 For each preset, at the preset's sizes and micro-batch:
   - tinylm: the real training step (`train.Stepper`) with the preset's settings
-    (bf16 autocast where the CPU has bf16 instructions, SDPA attention, torch.compile where the
-    preset turns it on, foreach/fused AdamW);
+    (bf16 autocast where the CPU has bf16 instructions, torch.compile where the preset turns it
+    on, and then on a CPU the chunked attention of attention.py, else SDPA; fused AdamW);
   - naive: a LLaMA-style model written here like the seeds write it (explicit causal mask and
     softmax, fp32, no compile) with a plain for-loop AdamW.
 Both see the same random tokens. Also measured in the same run: the machine's matmul peak in bf16
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from tinylm.config import load_config
 from tinylm.model import Transformer
+from tinylm.parallel import wrap
 from tinylm.train import Stepper, build_optimizer, pick_dtype, setup_runtime
 
 
@@ -135,7 +136,7 @@ class RandomBatches:
         return self.x[:, :-1], self.x[:, 1:]
 
 
-def bench_preset(preset: str, steps: int, warmup: int, peaks: dict) -> dict:
+def bench_preset(preset: str, steps: int, warmup: int) -> dict:
     cfg = load_config(preset, {"train.grad_accum": 1, "train.device": "cpu"})
     cfg.model.vocab_size = cfg.tokenizer.vocab_size
     tc, mc = cfg.train, cfg.model
@@ -147,7 +148,7 @@ def bench_preset(preset: str, steps: int, warmup: int, peaks: dict) -> dict:
     model = Transformer(mc)
     flops = model.flops_per_token() * tokens
     optimizer = build_optimizer(model, tc, rt.device)
-    wrapped = torch.compile(model) if tc.compile else model
+    wrapped = wrap(model, rt, tc)  # as training does: compiled if the preset says so
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     step = Stepper(wrapped, model, optimizer, scaler, rt, tc)
     ours_warm, ours = time_steps(lambda: step(batches), steps, warmup)
@@ -166,9 +167,8 @@ def bench_preset(preset: str, steps: int, warmup: int, peaks: dict) -> dict:
 
     _, theirs = time_steps(naive_step, max(3, steps // 2), 1)
     return {"preset": preset, "params": sum(p.numel() for p in naive.parameters()), "tokens_per_step": tokens,
-            "dtype": str(rt.dtype).removeprefix("torch."), "compile": tc.compile, "warmup_s": ours_warm,
-            "ours_tok_s": tokens / ours, "naive_tok_s": tokens / theirs, "mfu": flops / ours / peaks[rt.dtype],
-            "naive_mfu": flops / theirs / peaks[torch.float32], "model_tflops": flops / ours / 1e12}
+            "dtype": rt.dtype, "compile": tc.compile, "warmup_s": ours_warm, "flops": flops,
+            "ours_s": ours, "naive_s": theirs}
 
 
 def main() -> None:
@@ -178,18 +178,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
-    print(f"machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    peaks = {dtype: matmul_peak(dtype) for dtype in (torch.bfloat16, torch.float32)}
+    print(f"machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    # the peak is taken as the best of two measurements, before and after the steps: a VM's neighbours
+    # can halve a few seconds of it, and a low peak would inflate MFU
+    before = {dtype: matmul_peak(dtype) for dtype in (torch.bfloat16, torch.float32)}
+    results = [bench_preset(preset, args.steps, args.warmup) for preset in args.presets]
+    after = {dtype: matmul_peak(dtype) for dtype in before}
+    peaks = {dtype: max(before[dtype], after[dtype]) for dtype in before}
     print(f"matmul peak: bf16 {peaks[torch.bfloat16] / 1e12:.3f} TFLOP/s, fp32 {peaks[torch.float32] / 1e12:.3f} TFLOP/s "
-          f"(autocast dtype here: {str(pick_dtype('auto', torch.device('cpu'))).removeprefix('torch.')})")
-    for preset in args.presets:
-        r = bench_preset(preset, args.steps, args.warmup, peaks)
-        print(f"{preset:<10} {r['params'] / 1e6:.1f}M params, {r['tokens_per_step']:,} tokens/step, {r['dtype']}"
-              f"{' + compile' if r['compile'] else ''}: tinylm {r['ours_tok_s']:,.0f} tok/s vs naive {r['naive_tok_s']:,.0f} "
-              f"tok/s = {r['ours_tok_s'] / r['naive_tok_s']:.2f}x | {r['model_tflops']:.3f} TFLOP/s = MFU {r['mfu']:.0%} of the "
-              f"{r['dtype']} peak (naive: {r['naive_mfu']:.0%} of fp32, so an fp32 step can be at most {1 / r['naive_mfu']:.2f}x "
-              f"the naive one) | first {args.warmup} steps (compile) "
-              f"{r['warmup_s']:.0f} s", flush=True)
+          f"(best of before/after the steps: bf16 {before[torch.bfloat16] / 1e12:.3f}/{after[torch.bfloat16] / 1e12:.3f}, "
+          f"fp32 {before[torch.float32] / 1e12:.3f}/{after[torch.float32] / 1e12:.3f}; "
+          f"autocast dtype here: {str(pick_dtype('auto', torch.device('cpu'))).removeprefix('torch.')})")
+    for r in results:
+        mfu, naive_mfu = r["flops"] / r["ours_s"] / peaks[r["dtype"]], r["flops"] / r["naive_s"] / peaks[torch.float32]
+        ours_tok_s, naive_tok_s = r["tokens_per_step"] / r["ours_s"], r["tokens_per_step"] / r["naive_s"]
+        name = str(r["dtype"]).removeprefix("torch.")
+        print(f"{r['preset']:<10} {r['params'] / 1e6:.1f}M params, {r['tokens_per_step']:,} tokens/step, {name}"
+              f"{' + compile' if r['compile'] else ''}: tinylm {ours_tok_s:,.0f} tok/s vs naive {naive_tok_s:,.0f} "
+              f"tok/s = {ours_tok_s / naive_tok_s:.2f}x | {r['flops'] / r['ours_s'] / 1e12:.3f} TFLOP/s = MFU {mfu:.0%} of the "
+              f"{name} peak (naive: {naive_mfu:.0%} of fp32, so an fp32 step can be at most {1 / naive_mfu:.2f}x "
+              f"the naive one) | first {args.warmup} steps (compile) {r['warmup_s']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -177,6 +177,7 @@ class SFTConfig:
     max_epochs: float = 1.0  # stop after this many passes over the conversations (0 = no limit)
     max_time: float = 0.0  # stop after this many seconds (0 = no limit)
     eval_every: int = 100  # validation on held-out conversations every N steps
+    compile: bool = False  # torch.compile for fine-tuning: batches vary in width, so it compiles several times (pays on long runs only)
     demo: list[str] = field(default_factory=lambda: ["Hi! How are you today?", "What do you like to do on weekends?"])  # user messages of the demo exchange after `tinylm run`
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import applies as chunked_applies, chunked_causal_attention
 from .config import ModelConfig
 
 
@@ -72,6 +73,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
+        self.chunked = False  # hand-written causal attention (attention.py); set where the step is compiled on a CPU
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, attn_mask=None):
         B, T, _ = x.shape
@@ -81,13 +83,17 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, pos + T, D)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            is_causal=attn_mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, T, D)
+        dropout = self.dropout if self.training else 0.0
+        if self.chunked and cache is None and attn_mask is None and dropout == 0.0 and chunked_applies(q, T):
+            y = chunked_causal_attention(q, k, v)  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                is_causal=attn_mask is None and T > 1,
+                dropout_p=dropout,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.wo(y)
 

@@ -103,7 +103,7 @@ def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runti
         cfg, model=checkpoint_model_config(init_checkpoint),
         train=dataclasses.replace(cfg.train, lr=s.lr, warmup_steps=s.warmup_steps, batch_size=s.batch_size,
                                   max_steps=s.max_steps, max_epochs=s.max_epochs, max_time=s.max_time, max_tokens=0,
-                                  eval_every=s.eval_every, init_from=str(init_checkpoint)))
+                                  eval_every=s.eval_every, compile=s.compile, init_from=str(init_checkpoint)))
     tok, seq = Tokenizer.load(init_checkpoint), cfg.model.max_seq_len
     batches = SFTBatches(SFTRows.load(data_dir, "train"), seq, s.batch_size, tok.pad_id, cfg.train.seed, rt.rank, rt.world)
     val_rows = SFTRows.load(data_dir, "val")

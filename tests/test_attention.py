@@ -1,0 +1,77 @@
+"""The hand-written chunked attention (attention.py) against the textbook formula and SDPA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinylm.attention import CHUNK, applies, chunked_causal_attention
+from tinylm.config import ModelConfig
+from tinylm.model import Transformer
+from tinylm.parallel import wrap
+from test_model import explicit_attention
+
+
+def _inputs(heads, kv_heads, T, dtype, B=2, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, d_out = (torch.randn(B, h, T, D, generator=g, dtype=torch.float64) * s
+                      for h, s in ((heads, 2.0), (kv_heads, 2.0), (kv_heads, 1.0), (heads, 1.0)))
+    return [t.to(dtype) for t in (q, k, v)], d_out.to(dtype)
+
+
+def _output_and_grads(fn, qkv, d_out):
+    qkv = [t.detach().requires_grad_() for t in qkv]
+    out = fn(*qkv)
+    return [out.detach(), *torch.autograd.grad(out, qkv, d_out)]
+
+
+@pytest.mark.parametrize("heads, kv_heads, T", [(4, 2, 2 * CHUNK), (4, 4, 3 * CHUNK), (6, 2, 2 * CHUNK + 40), (2, 1, 50)])
+def test_chunked_attention_and_its_gradients_equal_the_textbook_formula(heads, kv_heads, T):
+    qkv, d_out = _inputs(heads, kv_heads, T, torch.float64)
+    ours = _output_and_grads(chunked_causal_attention, qkv, d_out)
+    reference = _output_and_grads(explicit_attention, qkv, d_out)
+    for name, a, b in zip(("output", "dq", "dk", "dv"), ours, reference):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-9), name
+
+
+def test_chunked_attention_in_bf16_is_as_accurate_as_sdpa():
+    qkv64, d_out64 = _inputs(8, 2, 2 * CHUNK, torch.float64, B=2, D=64)
+    exact = _output_and_grads(explicit_attention, qkv64, d_out64)
+    qkv, d_out = [t.bfloat16() for t in qkv64], d_out64.bfloat16()
+    ours = _output_and_grads(chunked_causal_attention, qkv, d_out)
+    sdpa = _output_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                             qkv, d_out)
+    for name, a, b, e in zip(("output", "dq", "dk", "dv"), ours, sdpa, exact):
+        ours_error = (a.double() - e).norm() / e.norm()
+        sdpa_error = (b.double() - e).norm() / e.norm()
+        assert ours_error < 1.5 * sdpa_error + 1e-3, (name, float(ours_error), float(sdpa_error))
+
+
+def test_the_model_with_chunked_attention_trains_like_the_model_with_sdpa():
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=2 * CHUNK, vocab_size=101)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    idx, targets = torch.randint(0, 101, (2, 2 * CHUNK)), torch.randint(0, 101, (2, 2 * CHUNK))
+    results = {}
+    for chunked in (False, True):
+        for layer in model.layers:
+            layer.attn.chunked = chunked
+        model.zero_grad()
+        _, loss = model(idx, targets)
+        loss.backward()
+        results[chunked] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(results[False], results[True]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert not applies(idx.float(), CHUNK) and applies(idx.float(), 2 * CHUNK)
+    with torch.no_grad():
+        assert not applies(idx.float(), 2 * CHUNK)  # evaluation keeps SDPA's forward
+
+
+def test_only_a_step_compiled_on_a_cpu_takes_the_chunked_attention():
+    from types import SimpleNamespace
+
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=2 * CHUNK, vocab_size=50)
+    rt = SimpleNamespace(device=torch.device("cpu"), world=1)
+    for compile_ in (False, True):
+        model = Transformer(cfg)
+        wrap(model, rt, SimpleNamespace(compile=compile_, parallel="ddp"))
+        assert [layer.attn.chunked for layer in model.layers] == [compile_] * 2
