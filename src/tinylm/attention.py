@@ -39,7 +39,7 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 
 def _scores(q, k, start, end, scale):
-    """fp32 scores of queries start:end against keys 0:end, causal: (B, Hkv, G, n, end)."""
+    """Scores (fp32, or fp64 for fp64 inputs) of queries start:end against keys 0:end, and the causal mask: (B, Hkv, G, n, end)."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     n = end - start
