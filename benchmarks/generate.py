@@ -10,7 +10,8 @@ tokens after a 32-token prompt, greedily, at batch 1 and batch 8, three ways:
 Prints time to first token, tokens/s (all sequences of the batch) and the ratios, and checks that
 tinylm and transformers produced the same tokens. Also the floor of a batch-1 token: one pass of a
 single row through every weight matrix (a decode step must read all the weights once), which on a
-CPU without much memory bandwidth is most of the step and bounds the ratio to recomputation.
+CPU without much memory bandwidth is most of the step and bounds the ratio to recomputation; once
+in `nn.Linear`'s layout and once in the packed layout tinylm decodes with (model.PackedWeights).
 """
 
 from __future__ import annotations
@@ -41,18 +42,24 @@ def ours(model, prompts) -> tuple[float, float, torch.Tensor]:
 
 
 @torch.inference_mode()
-def weight_pass(model, reps: int = 50) -> tuple[float, float]:
-    """(seconds, bytes) of one row times every linear weight of the model, in order, as decoding does."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+def weight_pass(mats: list[torch.Tensor], rows_first: bool, reps: int = 50) -> tuple[float, float]:
+    """(seconds, bytes) of one row times every matrix, in order, as a decoding step does.
+
+    rows_first: `x @ w` with w stored (in, out), as tinylm's packed weights; else `nn.Linear`'s `x @ w.T`.
+    """
+    dim = 0 if rows_first else 1
+    rows = {w.shape[dim]: torch.randn(1, w.shape[dim]) for w in mats}
+
+    def once():
+        for w in mats:
+            rows[w.shape[0]] @ w if rows_first else torch.nn.functional.linear(rows[w.shape[1]], w)
+
     for _ in range(5):
-        for w in weights:
-            torch.nn.functional.linear(rows[w.shape[1]], w)
+        once()
     start = time.perf_counter()
     for _ in range(reps):
-        for w in weights:
-            torch.nn.functional.linear(rows[w.shape[1]], w)
-    return (time.perf_counter() - start) / reps, sum(w.numel() * w.element_size() for w in weights)
+        once()
+    return (time.perf_counter() - start) / reps, sum(w.numel() * w.element_size() for w in mats)
 
 
 @torch.inference_mode()
@@ -92,9 +99,13 @@ def main() -> None:
         torch.manual_seed(0)
         model = Transformer(cfg.model).eval()
         hf = to_transformers(model)
-        floor, size = weight_pass(model)
-        print(f"{preset:<9} floor of a batch-1 token: reading {size / 1e6:.1f} MB of weights with one row takes "
-              f"{floor * 1000:.2f} ms ({size / floor / 1e9:.1f} GB/s)", flush=True)
+        linear, size = weight_pass([m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)], False)
+        packed = model.packed_weights()
+        fused, _ = weight_pass([w for layer in packed.layers for w in (layer.qkv, layer.wo, layer.w13, layer.w2)]
+                               + [packed.output], True)
+        print(f"{preset:<9} floor of a batch-1 token: one row through {size / 1e6:.1f} MB of weights takes "
+              f"{linear * 1000:.2f} ms in nn.Linear's layout ({size / linear / 1e9:.1f} GB/s), {fused * 1000:.2f} ms "
+              f"in the packed layout tinylm decodes with ({size / fused / 1e9:.1f} GB/s)", flush=True)
         for batch in args.batches:
             prompts = torch.randint(8, cfg.model.vocab_size, (batch, PROMPT))
             ours(model, prompts[:, :4])  # warm up the kernels once

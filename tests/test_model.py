@@ -33,16 +33,42 @@ def test_causality_future_tokens_do_not_change_the_past():
     assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
 
 
-def test_kv_cache_matches_full_recompute():
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-weights", "module-weights"])
+def test_kv_cache_matches_full_recompute(packed):
     model = tiny_model()
     idx = torch.randint(0, 101, (2, 24))
     full, _ = model(idx)
     cache = model.new_cache(batch_size=2)
+    assert (cache.packed is not None) == (idx.device.type == "cpu")  # on a CPU, decoding uses the packed layout
+    if not packed:
+        cache.packed = None  # the path a GPU takes: the modules' own weights
     pieces = [model(idx[:, :10], cache=cache)[0]]  # prefill
     pieces.append(model(idx[:, 10:15], cache=cache)[0])  # a chunk after a cached prefix
     pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(15, 24)]  # one token at a time
     assert cache.pos == 24
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def test_packed_weights_are_rebuilt_when_the_parameters_change():
+    model = tiny_model()
+    packed = model.packed_weights()
+    assert model.packed_weights() is packed  # kept while nothing changes
+    idx = torch.randint(0, 101, (1, 12))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(idx, targets=idx)[1].backward()
+    opt.step()  # in-place updates, as training does between two samples
+    stepped = model.packed_weights()
+    assert stepped is not packed
+    with torch.no_grad():
+        model.layers[1].ffn.w2.weight.mul_(3)  # one in-place change is enough
+    scaled = model.packed_weights()
+    assert scaled is not stepped
+    assert torch.equal(scaled.layers[1].w2, model.layers[1].ffn.w2.weight.t())
+    model.load_state_dict(tiny_model().state_dict())  # loading weights copies into the parameters
+    assert model.packed_weights() is not scaled
+    full, _ = model(idx)
+    cache = model.new_cache(batch_size=1)
+    assert torch.allclose(torch.cat([model(idx[:, t:t + 1], cache=cache)[0] for t in range(12)], 1), full, atol=1e-5)
 
 
 def explicit_attention(q, k, v):
