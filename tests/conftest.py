@@ -46,3 +46,14 @@ def tokenizer(prepared):
     from tinylm.tokenizer import Tokenizer
 
     return Tokenizer.load(prepared["tokenizer"])
+
+
+@pytest.fixture(scope="module")
+def lm(prepared, tmp_path_factory):
+    """A `LanguageModel` pretrained for 20 steps on the tiny corpus (one per test module)."""
+    from tinylm.api import load
+    from tinylm.pipeline import pretrain
+
+    out = tmp_path_factory.mktemp("served")
+    cfg = tiny_config(prepared["cfg"].data.corpus[0], **{"train.max_steps": 20})
+    return load(pretrain(cfg, prepared["shards"], out)["checkpoint"])

@@ -10,11 +10,7 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from tinylm.api import load  # noqa: E402
-from tinylm.pipeline import pretrain  # noqa: E402
 from tinylm.server import create_app, is_loopback  # noqa: E402
-
-from conftest import tiny_config  # noqa: E402
 
 
 def _free_port() -> int:
@@ -40,13 +36,6 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def lm(prepared, tmp_path_factory):
-    out = tmp_path_factory.mktemp("served")
-    cfg = tiny_config(prepared["cfg"].data.corpus[0], **{"train.max_steps": 20})
-    return load(pretrain(cfg, prepared["shards"], out)["checkpoint"])
 
 
 @pytest.fixture(scope="module")

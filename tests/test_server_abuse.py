@@ -16,7 +16,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from tinylm.server import bind_warning, create_app  # noqa: E402
 
-from test_server import LiveServer, lm  # noqa: E402,F401  (lm: the trained tiny model fixture)
+from test_server import LiveServer  # noqa: E402
 
 
 class SlowModel:
