@@ -7,11 +7,14 @@ tokens after a 32-token prompt, greedily, at batch 1 and batch 8, three ways:
   - tinylm: `generate_ids` (prefill in one pass, preallocated KV cache, one position per step);
   - recompute: the same model run over the whole sequence for every new token (no cache);
   - transformers: `LlamaForCausalLM.generate` on the same weights (its default dynamic cache).
-Prints time to first token, tokens/s (all sequences of the batch) and the ratios, and checks that
-tinylm and transformers produced the same tokens. Also the floor of a batch-1 token: one pass of a
-single row through every weight matrix (a decode step must read all the weights once), which on a
-CPU without much memory bandwidth is most of the step and bounds the ratio to recomputation; once
-in `nn.Linear`'s layout and once in the packed layout tinylm decodes with (model.PackedWeights).
+Each method runs --repeats times (the rounds take turns, so a slow spell of a shared machine falls
+on all three) and its fastest round counts, as `timeit` advises; the ratios of single rounds are
+printed beside. Prints time to first token, tokens/s (all sequences of the batch) and the ratios,
+and checks that tinylm and transformers produced the same tokens. Also the floor of a batch-1
+token: one pass of a single row through every weight matrix (a decode step must read all the
+weights once), which on a CPU without much memory bandwidth is most of the step and bounds the
+ratio to recomputation; once in `nn.Linear`'s layout and once in the packed layout tinylm decodes
+with (model.PackedWeights).
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["cpu-demo", "seed-26m"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds of the three methods, one after another; each method's fastest round counts")
     args = parser.parse_args()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
     import transformers
@@ -109,16 +114,20 @@ def main() -> None:
         for batch in args.batches:
             prompts = torch.randint(8, cfg.model.vocab_size, (batch, PROMPT))
             ours(model, prompts[:, :4])  # warm up the kernels once
-            results = {"tinylm": ours(model, prompts), "recompute": recompute(model, prompts),
-                       "transformers": transformers_generate(hf, prompts)}
-            same = torch.equal(results["tinylm"][2], results["transformers"][2])
+            methods = {"tinylm": lambda: ours(model, prompts), "recompute": lambda: recompute(model, prompts),
+                       "transformers": lambda: transformers_generate(hf, prompts)}
+            rounds = [{name: run() for name, run in methods.items()} for _ in range(args.repeats)]
+            results = {name: min((r[name] for r in rounds), key=lambda result: result[1]) for name in methods}
+            same = all(torch.equal(r["tinylm"][2], r["transformers"][2]) for r in rounds)
             speed = {name: batch * NEW / total for name, (_, total, _) in results.items()}
+            spread = {other: sorted(r[other][1] / r["tinylm"][1] for r in rounds) for other in ("recompute", "transformers")}
             line = "  ".join(f"{name} {speed[name]:,.0f} tok/s (first token {first * 1000:.0f} ms)"
                              for name, (first, _, _) in results.items())
             per_token = (results["tinylm"][1] - results["tinylm"][0]) / (NEW - 1) * 1000
-            print(f"{preset:<9} batch {batch}: {line} | tinylm {per_token:.2f} ms per step | tinylm vs recompute {speed['tinylm'] / speed['recompute']:.1f}x, "
-                  f"vs transformers {speed['tinylm'] / speed['transformers']:.2f}x | same tokens as transformers: {same}",
-                  flush=True)
+            print(f"{preset:<9} batch {batch}: {line} | tinylm {per_token:.2f} ms per step | tinylm vs recompute {speed['tinylm'] / speed['recompute']:.1f}x "
+                  f"(single rounds {spread['recompute'][0]:.1f}-{spread['recompute'][-1]:.1f}x), vs transformers "
+                  f"{speed['tinylm'] / speed['transformers']:.2f}x ({spread['transformers'][0]:.2f}-{spread['transformers'][-1]:.2f}x) "
+                  f"| same tokens as transformers: {same}", flush=True)
 
 
 if __name__ == "__main__":

@@ -65,9 +65,12 @@ def test_packed_weights_are_rebuilt_when_the_parameters_change():
     assert scaled is not stepped
     assert torch.equal(scaled.layers[1].w2, model.layers[1].ffn.w2.weight.t())
     model.load_state_dict(tiny_model().state_dict())  # loading weights copies into the parameters
-    assert model.packed_weights() is not scaled
+    with torch.inference_mode():
+        loaded = model.packed_weights()  # rebuilt inside inference mode, as generate_ids does it ...
+    assert loaded is not scaled
     full, _ = model(idx)
     cache = model.new_cache(batch_size=1)
+    assert cache.packed is loaded and not loaded.output.is_inference()  # ... and still usable outside it
     assert torch.allclose(torch.cat([model(idx[:, t:t + 1], cache=cache)[0] for t in range(12)], 1), full, atol=1e-5)
 
 

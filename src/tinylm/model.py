@@ -249,13 +249,14 @@ class Transformer(nn.Module):
         stamp = tuple((p.untyped_storage().data_ptr(), p._version) for p in self.parameters())
         if self._packed is None or self._packed.stamp != stamp:
             self._packed = None  # let the old copy go before the new one is made
-            layers = [PackedLayer(
-                qkv=torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]).t().contiguous(),
-                wo=b.attn.wo.weight.t().contiguous(),
-                w13=torch.cat([b.ffn.w1.weight, b.ffn.w3.weight]).t().contiguous(),
-                w2=b.ffn.w2.weight.t().contiguous(),
-            ) for b in self.layers]
-            self._packed = PackedWeights(layers, self.output.weight.t().contiguous(), stamp)
+            with torch.inference_mode(False):  # plain tensors even when built inside generate_ids
+                layers = [PackedLayer(
+                    qkv=torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]).t().contiguous(),
+                    wo=b.attn.wo.weight.t().contiguous(),
+                    w13=torch.cat([b.ffn.w1.weight, b.ffn.w3.weight]).t().contiguous(),
+                    w2=b.ffn.w2.weight.t().contiguous(),
+                ) for b in self.layers]
+                self._packed = PackedWeights(layers, self.output.weight.t().contiguous(), stamp)
         return self._packed
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
