@@ -50,12 +50,16 @@ def weight_pass(mats: list[torch.Tensor], rows_first: bool, reps: int = 50) -> t
 
     rows_first: `x @ w` with w stored (in, out), as tinylm's packed weights; else `nn.Linear`'s `x @ w.T`.
     """
-    dim = 0 if rows_first else 1
-    rows = {w.shape[dim]: torch.randn(1, w.shape[dim]) for w in mats}
+    if rows_first:
+        rows = {w.shape[0]: torch.randn(1, w.shape[0]) for w in mats}
+        products = [lambda w=w: rows[w.shape[0]] @ w for w in mats]
+    else:
+        rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
+        products = [lambda w=w: torch.nn.functional.linear(rows[w.shape[1]], w) for w in mats]
 
     def once():
-        for w in mats:
-            rows[w.shape[0]] @ w if rows_first else torch.nn.functional.linear(rows[w.shape[1]], w)
+        for product in products:
+            product()
 
     for _ in range(5):
         once()

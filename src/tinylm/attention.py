@@ -39,7 +39,9 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 
 def _scores(q, k, start, end, scale):
-    """Scores (fp32, or fp64 for fp64 inputs) of queries start:end against keys 0:end, and the causal mask: (B, Hkv, G, n, end)."""
+    """Scores of queries start:end against keys 0:end, and the causal mask: (B, Hkv, G, n, end).
+
+    The scores are fp32 (fp64 for fp64 inputs)."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     n = end - start

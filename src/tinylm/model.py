@@ -161,8 +161,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, attn_mask=None):
-        packed = cache.packed.layers[layer] if cache is not None and cache.packed is not None else None
+    def forward(self, x, cos, sin, cache=None, layer=0, attn_mask=None, packed: PackedLayer | None = None):
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, attn_mask, packed))
         return x + self.drop(self.ffn(self.ffn_norm(x), packed))
 
@@ -217,15 +216,13 @@ class Transformer(nn.Module):
         if start > 0 and T > 1:
             # a chunk after a cached prefix: query i sees all cached keys and the chunk up to i
             attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        packed = cache.packed if cache is not None else None  # decoding on a CPU: see PackedWeights
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, attn_mask)
+            x = layer(x, cos, sin, cache, i, attn_mask, packed.layers[i] if packed is not None else None)
         if cache is not None:
             cache.pos += T
-        if cache is not None and cache.packed is not None:
-            logits = self.norm(x) @ cache.packed.output  # (B, T, V)
-        else:
-            logits = self.output(self.norm(x))  # (B, T, V)
+        logits = self.norm(x) @ packed.output if packed is not None else self.output(self.norm(x))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
