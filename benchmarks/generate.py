@@ -29,7 +29,7 @@ import torch
 from tinylm.config import SampleConfig, load_config
 from tinylm.export import to_transformers
 from tinylm.generate import generate_ids
-from tinylm.model import Transformer
+from tinylm.model import Transformer, packed_matmul
 
 PROMPT, NEW = 32, 200
 GREEDY = SampleConfig(temperature=0.0, repetition_penalty=1.0, top_k=0, top_p=1.0)
@@ -45,14 +45,14 @@ def ours(model, prompts) -> tuple[float, float, torch.Tensor]:
 
 
 @torch.inference_mode()
-def weight_pass(mats: list[torch.Tensor], rows_first: bool, reps: int = 50) -> tuple[float, float]:
+def weight_pass(mats: list[torch.Tensor], packed: bool, reps: int = 50) -> tuple[float, float]:
     """(seconds, bytes) of one row times every matrix, in order, as a decoding step does.
 
-    rows_first: `x @ w` with w stored (in, out), as tinylm's packed weights; else `nn.Linear`'s `x @ w.T`.
+    packed: tinylm's packed matrices (P, in, out / P) and its `packed_matmul`; else `nn.Linear`'s `x @ w.T`.
     """
-    if rows_first:
-        rows = {w.shape[0]: torch.randn(1, w.shape[0]) for w in mats}
-        products = [lambda w=w: rows[w.shape[0]] @ w for w in mats]
+    if packed:
+        rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
+        products = [lambda w=w: packed_matmul(rows[w.shape[1]], w) for w in mats]
     else:
         rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
         products = [lambda w=w: torch.nn.functional.linear(rows[w.shape[1]], w) for w in mats]
