@@ -92,7 +92,7 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]] | torch.Te
             nxt = torch.where(done, stops[0], nxt)
             done |= torch.isin(nxt, stops)
         yield nxt
-        if bool(done.all()):
+        if len(stops) and bool(done.all()):  # the only host sync per token, and only with stop ids
             return
         seen.scatter_(1, nxt[:, None], True)
         logits, _ = model(nxt[:, None], cache=cache)  # (B, 1, V)

@@ -56,9 +56,12 @@ def packed_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.bmm(rows, w).transpose(0, 1).reshape(*x.shape[:-1], parts * n)
 
 
-def pack_matrix(w: torch.Tensor, parts: int) -> torch.Tensor:
-    """An (out, in) weight as P column blocks of its transpose, (P, in, out / P) (P = 1 if out does not divide)."""
-    parts = parts if w.size(0) % parts == 0 else 1
+def pack_matrix(w: torch.Tensor, threads: int) -> torch.Tensor:
+    """An (out, in) weight as P column blocks of its transpose, (P, in, out / P).
+
+    P is the largest number of blocks up to `threads` that divides `out` evenly.
+    """
+    parts = max(p for p in range(1, threads + 1) if w.size(0) % p == 0)
     return w.t().reshape(w.size(1), parts, -1).transpose(0, 1).contiguous()
 
 
@@ -263,7 +266,7 @@ class Transformer(nn.Module):
         """
         if self.tok_embeddings.weight.device.type != "cpu":
             return None  # not measured on a GPU, where the copy would also cost device memory
-        parts = torch.get_num_threads()  # one column block per thread
+        parts = torch.get_num_threads()  # up to one column block per thread
         stamp = (parts, *((p.untyped_storage().data_ptr(), p._version) for p in self.parameters()))
         if self._packed is None or self._packed.stamp != stamp:
             self._packed = None  # let the old copy go before the new one is made
