@@ -1,6 +1,10 @@
 import json
+import os
+import socket
+import subprocess
+import sys
 
-from tinylm.cli import main
+from tinylm.cli import _leave_process_group, main
 
 
 def test_cli_generate_and_info(prepared, tmp_path, capsys):
@@ -57,3 +61,29 @@ def test_chat_history_is_trimmed_to_the_context(prepared, tmp_path):
     trimmed, dropped = lm.fit_messages(history, max_new_tokens=10)
     assert dropped > 0 and trimmed[0]["role"] == "system" and trimmed[-1] == history[-1]
     assert len(lm.tokenizer.render_chat(trimmed, True)[0]) + 10 <= lm.context_length
+
+
+LEAVE_GROUP = """
+import atexit, os, sys, torch, torch.distributed as dist
+from tinylm.cli import _leave_process_group
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))  # after this the group outlives destroy
+atexit.register(lambda: print("interpreter teardown ran"))
+print("summary written", end="")  # no newline: still in the buffer when the process ends
+_leave_process_group(130)
+print("returned")
+"""
+
+
+def test_a_rank_leaves_the_group_without_interpreter_teardown(tmp_path):
+    """Under a process group the CLI ends the rank itself: same exit code, output flushed, no teardown."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_GROUP)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe is buffered
+    done = subprocess.run([sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stdout == "summary written"
+    assert _leave_process_group(3) == 3  # without a group: just the code back

@@ -124,14 +124,30 @@ def cmd_run(args, overrides) -> int:
     return _exit_code(run(cfg, out))
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(code: int) -> int:
     """Under torchrun: wait for every rank before tearing the group down, so that no rank closes its
-    connections while another is still printing or saving (gloo reports that as a crash)."""
+    connections while another is still printing or saving (gloo reports that as a crash), then end
+    the process here with `code`.
+
+    Once a DDP wrapper has been made, the gloo group's worker threads keep running after
+    `destroy_process_group` (torch 2.13; without DDP they stop), and in two of six CI runs a
+    rank that had finished its work aborted during interpreter teardown ("terminate called without
+    an active exception", SIGABRT), failing the whole torchrun job. Everything is written and
+    flushed by then, so the rank skips the teardown with `os._exit`. Without a process group this
+    returns `code`.
+    """
+    import logging
+
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return code
+    dist.barrier()
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _exit_code(summary: dict) -> int:
@@ -183,8 +199,7 @@ def cmd_pretrain(args, overrides) -> int:
     summary = pretrain(_config(args, overrides), args.shards, args.out or "runs/default/pretrain")
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(summary, indent=2, default=str))
-    _leave_process_group()
-    return _exit_code(summary)
+    return _leave_process_group(_exit_code(summary))
 
 
 def cmd_sft(args, overrides) -> int:
@@ -196,8 +211,7 @@ def cmd_sft(args, overrides) -> int:
     summary = sft(_config(args, overrides, base=base), args.checkpoint, args.out or "runs/default/sft")
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(summary, indent=2, default=str))
-    _leave_process_group()
-    return _exit_code(summary)
+    return _leave_process_group(_exit_code(summary))
 
 
 def _saved_config(checkpoint: str) -> Config:
