@@ -50,12 +50,9 @@ def weight_pass(mats: list[torch.Tensor], packed: bool, reps: int = 50) -> tuple
 
     packed: tinylm's packed matrices (P, in, out / P) and its `packed_matmul`; else `nn.Linear`'s `x @ w.T`.
     """
-    if packed:
-        rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
-        products = [lambda w=w: packed_matmul(rows[w.shape[1]], w) for w in mats]
-    else:
-        rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
-        products = [lambda w=w: torch.nn.functional.linear(rows[w.shape[1]], w) for w in mats]
+    rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}  # in: dim 1 of both layouts
+    multiply = packed_matmul if packed else torch.nn.functional.linear
+    products = [lambda w=w: multiply(rows[w.shape[1]], w) for w in mats]
 
     def once():
         for product in products:
