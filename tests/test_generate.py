@@ -43,6 +43,17 @@ def test_generation_stops_at_the_context_end(model):
     assert len(out) == 4  # 60 prompt tokens + 4 = max_seq_len 64
 
 
+def test_generation_ends_when_every_row_has_stopped(model):
+    sc = SampleConfig(temperature=0.0, repetition_penalty=1.0, max_new_tokens=12)
+    prompts = [[2, 10, 11, 12], [2, 40, 41, 42]]
+    free = torch.stack(list(generate_ids(model, prompts, sc)), dim=1).tolist()  # no stop ids: the whole budget
+    assert [len(row) for row in free] == [12, 12]
+    stops = [free[0][2], free[1][5]]  # a token from each row serves as a stop id
+    stops_at = [next(i for i, t in enumerate(row) if t in stops) for row in free]
+    stopped = list(generate_ids(model, prompts, sc, stop_ids=stops))
+    assert len(stopped) == max(stops_at) + 1 < 12  # ends on the step the later row stops
+
+
 def test_top_k_and_top_p_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_top_k(logits, 2)).tolist() == [[False, False, True, True]]

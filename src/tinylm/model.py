@@ -260,24 +260,25 @@ class Transformer(nn.Module):
     def packed_weights(self) -> PackedWeights | None:
         """The matrices in decoding layout (see PackedWeights), on a CPU only; None elsewhere.
 
-        Built on first use and kept while the parameters are unchanged: an optimizer step, a loaded
-        state dict or a move to another device changes a parameter's (storage, version) stamp, and the
-        next call builds the layout again, so a cache never decodes with stale weights.
+        Built on first use and kept while the parameters and the thread count are unchanged: an
+        optimizer step, a loaded state dict or a move to another device changes a parameter's
+        (storage, version) stamp, and the next call builds the layout again, so a cache never decodes
+        with stale weights.
         """
         if self.tok_embeddings.weight.device.type != "cpu":
             return None  # not measured on a GPU, where the copy would also cost device memory
-        parts = torch.get_num_threads()  # up to one column block per thread
-        stamp = (parts, *((p.untyped_storage().data_ptr(), p._version) for p in self.parameters()))
+        threads = torch.get_num_threads()  # up to one column block per thread
+        stamp = (threads, *((p.untyped_storage().data_ptr(), p._version) for p in self.parameters()))
         if self._packed is None or self._packed.stamp != stamp:
             self._packed = None  # let the old copy go before the new one is made
             with torch.inference_mode(False):  # plain tensors even when built inside generate_ids
                 layers = [PackedLayer(
-                    qkv=pack_matrix(torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]), parts),
-                    wo=pack_matrix(b.attn.wo.weight, parts),
-                    w13=pack_matrix(torch.cat([b.ffn.w1.weight, b.ffn.w3.weight]), parts),
-                    w2=pack_matrix(b.ffn.w2.weight, parts),
+                    qkv=pack_matrix(torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]), threads),
+                    wo=pack_matrix(b.attn.wo.weight, threads),
+                    w13=pack_matrix(torch.cat([b.ffn.w1.weight, b.ffn.w3.weight]), threads),
+                    w2=pack_matrix(b.ffn.w2.weight, threads),
                 ) for b in self.layers]
-                self._packed = PackedWeights(layers, pack_matrix(self.output.weight, parts), stamp)
+                self._packed = PackedWeights(layers, pack_matrix(self.output.weight, threads), stamp)
         return self._packed
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
