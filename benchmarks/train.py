@@ -112,16 +112,21 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
     return best
 
 
-def time_steps(step, steps: int, warmup: int) -> tuple[float, float]:
-    """(seconds of the warmup steps, seconds per timed step: the median)."""
+def time_steps(step, steps: int, warmup: int, sync=lambda: None) -> tuple[float, float]:
+    """(seconds of the warmup steps, seconds per timed step: the median).
+
+    sync: waits for the device (torch.cuda.synchronize on a GPU), so that a step's time is its work's.
+    """
     start = time.perf_counter()
     for _ in range(warmup):
         step()
+    sync()
     warm = time.perf_counter() - start
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t)
     return warm, sorted(times)[len(times) // 2]
 
@@ -136,37 +141,43 @@ class RandomBatches:
         return self.x[:, :-1], self.x[:, 1:]
 
 
-def bench_preset(preset: str, steps: int, warmup: int) -> dict:
-    cfg = load_config(preset, {"train.grad_accum": 1, "train.device": "cpu"})
+def bench_preset(preset: str, steps: int, warmup: int, device: str = "cpu", overrides: dict | None = None) -> dict:
+    """Seconds per step of tinylm's step and of the naive one at the preset's micro-batch, on `device`."""
+    cfg = load_config(preset, {"train.grad_accum": 1, "train.device": device, **(overrides or {})})
     cfg.model.vocab_size = cfg.tokenizer.vocab_size
     tc, mc = cfg.train, cfg.model
     rt = setup_runtime(tc)
     batches = RandomBatches(mc.vocab_size, tc.batch_size, mc.max_seq_len)
     tokens = tc.batch_size * mc.max_seq_len
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else lambda: None
 
     torch.manual_seed(0)
-    model = Transformer(mc)
+    model = Transformer(mc).to(rt.device)
     flops = model.flops_per_token() * tokens
     optimizer = build_optimizer(model, tc, rt.device)
     wrapped = wrap(model, rt, tc)  # as training does: compiled if the preset says so
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     step = Stepper(wrapped, model, optimizer, scaler, rt, tc)
-    ours_warm, ours = time_steps(lambda: step(batches), steps, warmup)
-    del model, optimizer, wrapped
+    ours_warm, ours = time_steps(lambda: step(batches), steps, warmup, sync)
+    del model, optimizer, wrapped, step
 
     torch.manual_seed(0)
-    naive = NaiveModel(mc)
+    naive = NaiveModel(mc).to(rt.device)
     naive_opt = torch.optim.AdamW(naive.parameters(), lr=tc.lr, foreach=False)
 
     def naive_step():
-        x, y = batches.next_batch()
+        x, y = (t.to(rt.device) for t in batches.next_batch())
         naive(x, y).backward()
         torch.nn.utils.clip_grad_norm_(naive.parameters(), tc.grad_clip)
         naive_opt.step()
         naive_opt.zero_grad(set_to_none=True)
 
-    _, theirs = time_steps(naive_step, max(3, steps // 2), 1)
-    return {"preset": preset, "params": sum(p.numel() for p in naive.parameters()), "tokens_per_step": tokens,
+    _, theirs = time_steps(naive_step, max(3, steps // 2), 1, sync)
+    params = sum(p.numel() for p in naive.parameters())
+    del naive, naive_opt
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"preset": preset, "params": params, "tokens_per_step": tokens,
             "dtype": rt.dtype, "compile": tc.compile, "warmup_s": ours_warm, "flops": flops,
             "ours_s": ours, "naive_s": theirs}
 

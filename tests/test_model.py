@@ -76,6 +76,25 @@ def test_kv_cache_matches_full_recompute(packed, threads):
     assert torch.allclose(rows, full[:1], atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-weights", "module-weights"])
+def test_static_cache_decoding_matches_full_recompute(packed):
+    """The fixed-shape decoding step a CUDA graph replays (positions on the device, the whole buffer
+    read under a mask) computes what recomputation does; checked here on the CPU, on CUDA in test_cuda."""
+    model = tiny_model()
+    idx = torch.randint(0, 101, (2, 20))
+    full, _ = model(idx)
+    cache = model.new_cache(batch_size=2, max_len=24)  # longer than what is decoded: unwritten slots stay masked
+    if not packed:
+        cache.packed = None
+    pieces = [model(idx[:, :8], cache=cache)[0]]  # prefill, dynamic
+    cache.make_static()
+    pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 20)]
+    assert cache.pos == 20 and cache.positions.tolist() == [20]
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="one token"):
+        model(idx[:, :2], cache=cache)
+
+
 def test_packed_weights_are_rebuilt_when_the_parameters_change():
     model = tiny_model()
     packed = model.packed_weights()

@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     for verb in ("generate", "chat", "info", "sft", "serve", "web", "export", "eval"):
         p[verb].add_argument("checkpoint", help="checkpoint, stage or run directory")
     p["generate"].add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: sample.prompts)")
-    for verb in ("generate", "chat", "serve", "web"):
+    for verb in ("generate", "chat", "serve", "web", "eval"):
         p[verb].add_argument("--device", default="auto")
     for verb, port in (("serve", 8000), ("web", 8501)):
         p[verb].add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -286,7 +286,7 @@ def cmd_eval(args, overrides) -> int:
     from .evaluate import evaluate_checkpoint, format_score, score_table
 
     results = evaluate_checkpoint(args.checkpoint, args.text, args.blimp, args.choice, args.shards, args.max_items,
-                                  args.chat)
+                                  args.chat, device=args.device)
     for row in score_table(results):
         print(format_score(row))
     return 0

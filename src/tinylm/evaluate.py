@@ -260,17 +260,19 @@ def read_choice_task(spec: str, limit: int = 0) -> list[dict]:
 
 def evaluate_checkpoint(checkpoint: str | Path, texts: Sequence[str] = (), blimp: Sequence[str] = (),
                         choice: Sequence[str] = (), shards: str | None = None, max_items: int = 0,
-                        chat: Sequence[str] = (), defaults: bool | None = None) -> dict:
+                        chat: Sequence[str] = (), defaults: bool | None = None, device: str = "auto") -> dict:
     """Run the asked evaluations and merge them into CKPT/eval.json. The defaults (taken when nothing
     is asked, or `defaults=True`): the run's validation shards, and for a fine-tuned checkpoint its
-    held-out conversations too. `max_items` bounds every task (0 = all)."""
+    held-out conversations too. `max_items` bounds every task (0 = all). `device` as `train.device`
+    ("auto": a GPU where there is one)."""
     from .checkpoint import find_checkpoint, load_checkpoint
     from .config import DataConfig
     from .corpus import read_documents
     from .io import read_json, write_json
+    from .train import pick_device
 
     ckpt = find_checkpoint(checkpoint)
-    model, tok, meta = load_checkpoint(ckpt)
+    model, tok, meta = load_checkpoint(ckpt, pick_device(device))
     model.eval()
     results: dict = {}
     sft_data = None

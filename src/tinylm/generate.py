@@ -2,6 +2,10 @@
 
 The prompt is prefilled in one forward pass; each new token then costs one single-position pass
 over the cache. Sampling: repetition penalty, temperature (0 = greedy), top-k, top-p.
+
+On a GPU a single-position pass launches a few hundred small kernels, and launching them from Python
+takes longer than running them; so there the pass is captured once per generation as a CUDA graph
+(`GraphedDecodeStep`) and replayed for every token, one launch per step.
 """
 
 from __future__ import annotations
@@ -59,13 +63,48 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator | None:
     return g
 
 
+class GraphedDecodeStep:
+    """`model(ids (B, 1), cache)` -> logits (B, 1, V), captured as one CUDA graph and replayed.
+
+    The cache is switched to static mode (model.KVCache), so that every step reads and writes the
+    same addresses; the token ids go in through a fixed input buffer. Capturing follows PyTorch's
+    recipe (torch.cuda.graphs): one warm-up pass on a side stream, then the capture. Both run the
+    forward's Python code, which writes a key/value slot that the first real step overwrites and
+    moves the positions on; they are put back afterwards.
+    """
+
+    def __init__(self, model: Transformer, cache, batch_size: int):
+        self.cache, start = cache, cache.pos
+        cache.make_static()
+        device = cache.k.device
+        self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            model(self.ids, cache=cache)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, _ = model(self.ids, cache=cache)  # (B, 1, V), rewritten by every replay
+        cache.pos = start
+        cache.positions.fill_(start)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.graph.replay()
+        self.cache.pos += 1
+        return self.logits
+
+
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]] | torch.Tensor, sc: SampleConfig,
-                 stop_ids: Sequence[int] = (), max_new_tokens: int | None = None) -> Iterator[torch.Tensor]:
+                 stop_ids: Sequence[int] = (), max_new_tokens: int | None = None,
+                 cuda_graph: bool = True) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, (B,) per step, until all hit a stop id or the limit.
 
     Prompts in one batch must have the same length. Sequences that stopped keep yielding their
-    stop id so the batch stays rectangular; the caller cuts at the first stop.
+    stop id so the batch stays rectangular; the caller cuts at the first stop. On a GPU the
+    decoding step is a CUDA graph unless `cuda_graph=False` (the eager reference for tests).
     """
     device = model.tok_embeddings.weight.device
     idx = torch.as_tensor(prompts, dtype=torch.long, device=device)
@@ -86,6 +125,10 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]] | torch.Te
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
     logits, _ = model(idx, cache=cache)  # prefill: (B, T, V)
+    if cuda_graph and device.type == "cuda" and budget > 1:
+        step = GraphedDecodeStep(model, cache, B)
+    else:
+        step = lambda ids: model(ids, cache=cache)[0]  # noqa: E731
     for _ in range(budget):
         nxt = sample_next(logits[:, -1], seen, sc, generator)
         if len(stops):
@@ -95,7 +138,7 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]] | torch.Te
         if len(stops) and bool(done.all()):  # the only host sync per token, and only with stop ids
             return
         seen.scatter_(1, nxt[:, None], True)
-        logits, _ = model(nxt[:, None], cache=cache)  # (B, 1, V)
+        logits = step(nxt[:, None])  # (B, 1, V)
 
 
 @torch.inference_mode()

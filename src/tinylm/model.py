@@ -97,6 +97,9 @@ class KVCache:
     """Preallocated key/value buffers for every layer; `pos` is the number of cached positions.
 
     `packed`: the weights in decoding layout, if the model has them for its device (else None).
+    After `make_static()` the cache takes one position per forward at `positions`, a tensor on the
+    device that the forward itself advances, and attention reads the whole buffer under a mask: every
+    shape and address stays fixed from step to step, so a step can be replayed as a CUDA graph.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype,
@@ -107,9 +110,19 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
         self.packed = packed
+        self.positions: torch.Tensor | None = None  # (1,) long: the next position, in static mode
+
+    def make_static(self) -> None:
+        """Switch to static decoding from the current position on (see the class docstring)."""
+        self.positions = torch.tensor([self.pos], dtype=torch.long, device=self.k.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v (B, Hkv, T, D) at the current position; return everything cached so far."""
+        """Write k/v (B, Hkv, T, D) at the current position; return everything cached so far
+        (static mode: the whole buffer, (B, Hkv, max_len, D), to be read under the mask of `forward`)."""
+        if self.positions is not None:
+            self.k[layer].index_copy_(2, self.positions, k)
+            self.v[layer].index_copy_(2, self.positions, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
@@ -239,12 +252,20 @@ class Transformer(nn.Module):
         if start > 0 and T > 1:
             # a chunk after a cached prefix: query i sees all cached keys and the chunk up to i
             attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        static = cache is not None and cache.positions is not None
+        if static:  # one token at a device-side position, read from the device: no shape depends on it
+            if T != 1:
+                raise ValueError(f"a static KV cache takes one token per sequence per step, not {T}")
+            cos, sin = self.rope_cos[cache.positions], self.rope_sin[cache.positions]  # (1, D)
+            attn_mask = (torch.arange(cache.max_len, device=idx.device) <= cache.positions).view(1, 1, 1, -1)
         packed = cache.packed if cache is not None else None  # decoding on a CPU: see PackedWeights
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, attn_mask, packed.layers[i] if packed is not None else None)
         if cache is not None:
             cache.pos += T
+        if static:
+            cache.positions.add_(1)
         logits = packed_matmul(self.norm(x), packed.output) if packed is not None else self.output(self.norm(x))  # (B, T, V)
         loss = None
         if targets is not None:

@@ -18,7 +18,7 @@ MODES = ("ddp", "fsdp")
 
 
 def is_sharded(rt, tc) -> bool:
-    return rt.world > 1 and tc.parallel == "fsdp"
+    return rt.distributed and tc.parallel == "fsdp"
 
 
 def shard(model: torch.nn.Module, rt) -> None:
@@ -46,14 +46,14 @@ def wrap(model: torch.nn.Module, rt, tc) -> torch.nn.Module:
         for layer in model.layers:
             layer.attn.chunked = True
     compiled = torch.compile(model) if tc.compile else model
-    if rt.world > 1 and not is_sharded(rt, tc):
+    if rt.distributed and not is_sharded(rt, tc):
         return DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     return compiled
 
 
 def sync_gradients(wrapped: torch.nn.Module, model: torch.nn.Module, rt, tc, sync: bool):
     """Context for one micro-batch's backward: gradients are reduced across ranks only when `sync`."""
-    if rt.world == 1:
+    if not rt.distributed:
         return contextlib.nullcontext()
     if is_sharded(rt, tc):
         model.set_requires_gradient_sync(sync)

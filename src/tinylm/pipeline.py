@@ -96,7 +96,7 @@ def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runti
     if rt.is_main:
         _set_aside_if_base_changed(out_dir, init_checkpoint)
         sft_data_stage(cfg, init_checkpoint, data_dir)
-    if rt.world > 1:
+    if rt.distributed:
         dist.barrier()
     s = cfg.sft
     cfg = dataclasses.replace(
@@ -160,7 +160,7 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.toml", to_toml(cfg))
         prepare_data(cfg, run_dir, progress=progress)
-    if rt.world > 1:
+    if rt.distributed:
         dist.barrier()  # other ranks wait for the data
     summary = pretrain(cfg, run_dir / "shards", run_dir / "pretrain", rt, run_dir / "tokenizer")
     if summary["stopped_by"]:
@@ -193,7 +193,7 @@ def evaluate_stage(checkpoint: str | Path, cfg: Config) -> dict:
     from .evaluate import evaluate_checkpoint, format_score, score_table
 
     results = evaluate_checkpoint(checkpoint, blimp=cfg.eval.blimp, choice=cfg.eval.choice,
-                                  max_items=cfg.eval.max_items, defaults=True)
+                                  max_items=cfg.eval.max_items, defaults=True, device=cfg.train.device)
     for row in score_table(results):
         say(f"eval: {format_score(row)}")
     return results

@@ -40,6 +40,13 @@ class Runtime:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    distributed: bool = False  # launched by torchrun: a process group, DDP/FSDP and collectives, even for one rank
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A CPU batch on the training device; on a GPU through pinned memory, so the copy is asynchronous."""
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     @property
     def is_main(self) -> bool:
@@ -84,11 +91,17 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def setup_runtime(tc: TrainConfig) -> Runtime:
-    """Single process, or one rank of a `torchrun` job (WORLD_SIZE > 1 in the environment)."""
+    """Single process, or one rank of a `torchrun` job.
+
+    Under torchrun (TORCHELASTIC_RUN_ID in the environment, or WORLD_SIZE > 1) a process group is
+    started (NCCL on GPUs, gloo on CPUs) and the model is wrapped in DDP or FSDP2 even for a single
+    rank, so `torchrun --nproc_per_node 1` runs the very code that N ranks run.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     device = pick_device(tc.device)
-    if world > 1:
+    if distributed:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
@@ -100,7 +113,7 @@ def setup_runtime(tc: TrainConfig) -> Runtime:
     if tc.deterministic:  # same seed, same bits: also for cuBLAS, which needs a fixed workspace
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=False)
-    return Runtime(device, pick_dtype(tc.dtype, device), rank, world, local_rank)
+    return Runtime(device, pick_dtype(tc.dtype, device), rank, world, local_rank, distributed)
 
 
 # --- optimisation --------------------------------------------------------------------------------
@@ -174,7 +187,7 @@ def evaluate(model: torch.nn.Module, make_batches: Callable, n_batches: int, rt:
             _, loss = model(x.to(rt.device), y)
         count = (y != -100).sum().double()
         total += torch.stack([loss.double() * count, count])
-    if rt.world > 1:
+    if rt.distributed:
         dist.all_reduce(total)
     model.train()
     return (total[0] / total[1]).item()
@@ -224,7 +237,7 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
                 extra["rng_cuda"] = torch.cuda.get_rng_state(rt.device)
             plain = model if not is_sharded(rt, tc) else _plain_model(cfg, weights)
             save_checkpoint(out_dir, plain, cfg, tokenizer_dir, trainer, optim_state, extra, tc.keep_last)
-        if rt.world > 1:
+        if rt.distributed:
             dist.barrier()
 
     def run_eval() -> dict:
@@ -327,7 +340,7 @@ class StopRequest:
         """The slowest rank's step time (time limits must end every rank at the same step); a signal
         received by any rank becomes `agreed` on all of them."""
         received = self.received or 0
-        if rt.world > 1:
+        if rt.distributed:
             both = torch.tensor([dt, received], dtype=torch.float64, device=rt.device)
             dist.all_reduce(both, op=dist.ReduceOp.MAX)
             dt, received = both.tolist()
@@ -363,7 +376,7 @@ class Stepper:
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
                 rows = micro_batches[0][0].shape[0]
-                if self.rt.world > 1 or self.pieces >= rows:  # ranks cannot agree on a retry mid-step
+                if self.rt.distributed or self.pieces >= rows:  # ranks cannot agree on a retry mid-step
                     raise
                 self.pieces *= 2
                 if self.rt.device.type == "cuda":
@@ -377,14 +390,14 @@ class Stepper:
                   for x, y in zip(torch.tensor_split(xb, self.pieces), torch.tensor_split(yb, self.pieces)) if len(x)]
         counts = [int((y != -100).sum()) for _, y in pieces]
         total = float(sum(counts))
-        if rt.world > 1:
+        if rt.distributed:
             global_count = torch.tensor(total, device=rt.device, dtype=torch.float64)
             dist.all_reduce(global_count)
             total = global_count.item()
         loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
         for i, ((x, y), count) in enumerate(zip(pieces, counts)):
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            sync = i == len(pieces) - 1 or rt.world == 1
+            x, y = rt.to_device(x), rt.to_device(y)
+            sync = i == len(pieces) - 1 or not rt.distributed
             with sync_gradients(self.wrapped, self.model, rt, tc, sync), rt.autocast():
                 _, loss = self.wrapped(x, y)  # mean over this piece's targets
             weight = count * rt.world / total  # DDP and FSDP average over ranks: undo it, then weigh by tokens
@@ -393,7 +406,7 @@ class Stepper:
         self.scaler.unscale_(self.optimizer)
         clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = local_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        if rt.world > 1:
+        if rt.distributed:
             dist.all_reduce(loss_sum)
         loss_value, norm_value = (loss_sum / total).item(), grad_norm.item()  # the one host sync per step
         if math.isfinite(loss_value) and math.isfinite(norm_value):
@@ -472,7 +485,7 @@ def _preflight(model: Transformer, rt: Runtime, tokens_per_step: int, total_step
     states, activations = estimate_memory(model, tc, rt)
     where = f"resuming from {resume_from.name}" if resume_from else "from scratch" if not tc.init_from else f"from {tc.init_from}"
     return (f"{stage}: {n:,} parameters ({model.num_params(embeddings=False):,} without embeddings) | "
-            f"{rt.device} {str(rt.dtype).replace('torch.', '')} x{rt.world}{' ' + tc.parallel if rt.world > 1 else ''} | {tokens_per_step:,} tokens/step | "
+            f"{rt.device} {str(rt.dtype).replace('torch.', '')} x{rt.world}{f' {tc.parallel} ({dist.get_backend()})' if rt.distributed else ''} | {tokens_per_step:,} tokens/step | "
             f"{limit} | memory ~{states / 2**20:,.0f} MiB weights+optimizer + ~{activations / 2**20:,.0f} MiB "
             f"activations per micro-batch | {where}")
 
