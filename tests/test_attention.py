@@ -70,7 +70,7 @@ def test_only_a_step_compiled_on_a_cpu_takes_the_chunked_attention():
     from types import SimpleNamespace
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=2 * CHUNK, vocab_size=50)
-    rt = SimpleNamespace(device=torch.device("cpu"), world=1)
+    rt = SimpleNamespace(device=torch.device("cpu"), world=1, distributed=False)
     for compile_ in (False, True):
         model = Transformer(cfg)
         wrap(model, rt, SimpleNamespace(compile=compile_, parallel="ddp"))

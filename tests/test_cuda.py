@@ -81,6 +81,9 @@ def test_sdpa_takes_a_fused_kernel_at_training_shapes():
 
 
 def test_compiled_step_matches_the_eager_one():
+    """Same weights, same batch: the compiled model's bf16 loss and gradients are the eager ones to bf16
+    rounding, and four training steps give the same losses. (Weights after AdamW steps are not compared:
+    Adam's update is about lr * sign(g) wherever g is tiny, so rounding noise in g moves them by ~lr.)"""
     from tinylm.train import Stepper, build_optimizer, setup_runtime
 
     cfg = load_config("tiny", {"train.device": "cuda", "train.dtype": "bf16", "train.grad_accum": 2})
@@ -91,19 +94,24 @@ def test_compiled_step_matches_the_eager_one():
         def next_batch(self):
             return tokens[:, :-1], tokens[:, 1:]
 
-    losses, weights = {}, {}
+    losses, grads, first = {}, {}, {}
     for compiled in (False, True):
-        cfg.train.compile = compiled
         rt = setup_runtime(cfg.train)
         torch.manual_seed(0)
         model = Transformer(cfg.model).to(CUDA)
-        optimizer = build_optimizer(model, cfg.train, rt.device)
         wrapped = torch.compile(model) if compiled else model
+        with rt.autocast():
+            loss = wrapped(tokens[:, :-1].to(CUDA), tokens[:, 1:].to(CUDA))[1]
+        loss.backward()
+        first[compiled] = loss.item()
+        grads[compiled] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+        optimizer = build_optimizer(model, cfg.train, rt.device)
         step = Stepper(wrapped, model, optimizer, torch.amp.GradScaler("cuda", enabled=False), rt, cfg.train)
         losses[compiled] = [step(Batches())[0] for _ in range(4)]
-        weights[compiled] = model.layers[0].attn.wq.weight.detach().clone()
+    assert first[True] == pytest.approx(first[False], rel=1e-2)
+    assert ((grads[True] - grads[False]).norm() / grads[False].norm()).item() < 3e-2
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)
-    assert torch.allclose(weights[True], weights[False], atol=2e-3)
     assert losses[False][-1] < losses[False][0]  # it trained
 
 
