@@ -61,7 +61,7 @@ PLANS = {
         "generate": ["seed-26m", "gpu-small"], "prompt": 32, "new": 200, "batches": [1, 32], "rounds": 1,
         "e2e": {"config": "gpu-small", "pretrain_s": 120, "sft_s": 60, "term_at": 0.4,
                 "extra": ["--train.warmup_steps=100", "--train.eval_every=100", "--train.save_every=200",
-                          "--sft.max_epochs=0", "--sft.eval_every=100", "--eval.max_items=100"]},
+                          "--sft.train.max_epochs=0", "--sft.train.eval_every=100", "--eval.max_items=100"]},
         "small": "tiny",
     },
     "cpu": {
@@ -70,7 +70,7 @@ PLANS = {
         "generate": ["tiny"], "prompt": 8, "new": 48, "batches": [1, 32], "rounds": 2,
         "e2e": {"config": "tiny", "pretrain_s": 12, "sft_s": 6, "term_at": 0.4,
                 "extra": ["--train.max_steps=0", "--train.eval_every=50", "--train.save_every=100",
-                          "--sft.max_steps=0", "--sft.eval_every=50", "--eval.max_items=20"]},
+                          "--sft.train.max_steps=0", "--sft.train.eval_every=50", "--eval.max_items=20"]},
         "small": "tiny",
     },
 }
@@ -317,7 +317,7 @@ def e2e_section(rep: Report, device: torch.device, plan: dict, work: Path) -> No
     e = plan["e2e"]
     out = work / "e2e"
     cmd = ["run", "--config", e["config"], "--out", str(out), f"--train.device={device.type}",
-           f"--train.max_time={e['pretrain_s']}", f"--sft.max_time={e['sft_s']}", *e["extra"]]
+           f"--train.max_time={e['pretrain_s']}", f"--sft.train.max_time={e['sft_s']}", *e["extra"]]
     log1 = work / "e2e-1.log"
     t0 = time.perf_counter()
     with open(log1, "w") as f:

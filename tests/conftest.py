@@ -10,8 +10,8 @@ import pytest
 from tinylm.config import Config, load_config
 from tinylm.prepare import shards_stage, tokenizer_stage
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-STORIES = SHARED / "tinystories_2mib.txt"
+DATA = Path(__file__).resolve().parent / "data"  # small real text, committed (see data/README.md)
+STORIES = DATA / "tinystories_450.txt"
 
 
 @pytest.fixture(scope="session")

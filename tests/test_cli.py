@@ -4,13 +4,15 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from tinylm.cli import _leave_process_group, main
 
 
 def test_cli_generate_and_info(prepared, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["pretrain", "--config", "tiny", "--shards", str(prepared["shards"]), "--out", str(run),
-                 "--train.max_steps", "4", f"--data.corpus={prepared['cfg'].data.corpus[0]}"]) == 0
+                 "--train.max_steps", "4"]) == 0
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "Once upon", "--sample.max_new_tokens=5", "--sample.seed=3",
                  "--out", str(tmp_path / "gen")]) == 0
@@ -20,6 +22,48 @@ def test_cli_generate_and_info(prepared, tmp_path, capsys):
     assert saved["samples"][0]["prompt"] == "Once upon" and (tmp_path / "gen" / "config.toml").is_file()
     assert main(["info", str(run)]) == 0
     assert "parameters:" in capsys.readouterr().out
+
+
+def test_a_verb_refuses_settings_it_does_not_read(capsys):
+    assert main(["export", "/nonexistent/run", "--nosuch.key=1"]) == 2
+    assert "`tinylm export` reads no config settings: --nosuch.key would do nothing" in capsys.readouterr().err
+    assert main(["generate", "/nonexistent/run", "--train.lr=1"]) == 2
+    assert "`tinylm generate` reads only [sample]" in capsys.readouterr().err
+    assert main(["pretrain", "--shards", "x", "--data.corpus=a.txt"]) == 2
+    assert "reads only [model], [train]" in capsys.readouterr().err
+
+
+def test_every_verb_help_lists_the_settings_it_reads(capsys):
+    from tinylm.cli import VERB_SECTIONS, VERBS
+    from tinylm.config import Config
+
+    for verb in VERBS:
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        out = capsys.readouterr().out
+        sections = VERB_SECTIONS.get(verb, ())
+        for section, values in Config().to_dict().items():
+            listed = [name for name in values if f"--{section}.{name}" in out]
+            assert listed == (list(values) if section in sections else []), (verb, section)
+        if not sections:
+            assert "reads no config settings" in out
+
+
+def test_sft_takes_train_settings_from_the_command_line(prepared, tmp_path, capsys):
+    """`tinylm sft CKPT --train.lr=X` fine-tunes with X (and records it); `--sft.train.*` still works."""
+    from test_sft import arithmetic_chats
+
+    base = tmp_path / "base"
+    assert main(["pretrain", "--config", "tiny", "--shards", str(prepared["shards"]), "--out", str(base),
+                 "--train.max_steps=2"]) == 0
+    chats = arithmetic_chats(tmp_path / "chats.jsonl", n=60)
+    assert main(["sft", str(base), "--out", str(tmp_path / "sft"), f"--sft.corpus={chats}", "--train.lr=0.00123",
+                 "--train.max_steps=2", "--sft.train.warmup_steps=1", "--train.compile=false"]) == 0
+    meta = json.loads((tmp_path / "sft/checkpoints/step-0000002/meta.json").read_text())
+    train = meta["config"]["train"]
+    assert train["lr"] == 0.00123 and train["max_steps"] == 2 and train["warmup_steps"] == 1
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "sft/metrics.jsonl").read_text().splitlines()]
+    assert max(lrs) == pytest.approx(0.00123)  # the schedule peaked at it (warmup of 1 step)
 
 
 def test_cli_errors_are_one_line(capsys):

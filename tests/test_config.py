@@ -59,8 +59,29 @@ def test_config_help_lists_every_field_under_its_real_flag():
     from tinylm.config import Config, help_text
 
     flags = [line.split()[0][2:] for line in help_text().splitlines()]
-    expected = [f"{section}.{name}" for section, values in Config().to_dict().items() for name in values]
+    expected = [f"{section}.{name}" + (".FIELD" if isinstance(value, dict) else "")
+                for section, values in Config().to_dict().items() for name, value in values.items()]
     assert sorted(flags) == sorted(expected)
     for flag in flags:  # each one is accepted by the override parser
+        if flag == "sft.train.FIELD":  # a table of [train] settings: every [train] field goes in
+            for name, value in Config().train.__dict__.items():
+                assert load_config("tiny", [f"sft.train.{name}={value}"]).sft.train[name] == value
+            continue
         section, name = flag.split(".")
         load_config("tiny", [f"{flag}={getattr(getattr(Config(), section), name) if not isinstance(getattr(getattr(Config(), section), name), list) else ''}"])
+
+
+def test_sft_trains_with_train_settings_under_its_own_table(tmp_path):
+    cfg = load_config("tiny", ["train.lr=2e-3", "train.grad_clip=0.5", "sft.train.lr=1e-5"])
+    pre, sft = cfg.stage_train("pretrain"), cfg.stage_train("sft")
+    assert (pre.lr, sft.lr) == (2e-3, 1e-5)
+    assert sft.grad_clip == 0.5 and sft.batch_size == 4 and pre.batch_size == 8  # [train], then tiny's [sft.train]
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert "[sft.train]" in path.read_text() and load_config(str(path)) == cfg
+    with pytest.raises(ConfigError, match="is now 'sft.train.lr'"):  # the old place is refused, not ignored
+        load_config("tiny", ["sft.lr=1e-4"])
+    with pytest.raises(ConfigError, match="did you mean 'lr'"):
+        load_config("tiny", ["sft.train.lrr=1e-4"])
+    with pytest.raises(ConfigError, match="is a table"):
+        load_config("tiny", ["sft.train=1"])

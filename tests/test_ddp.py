@@ -26,8 +26,7 @@ def _pretrain(args, out, nproc=None, verb=("pretrain",)):
 @pytest.mark.slow
 def test_two_ranks_match_one_process(prepared, tmp_path):
     shared = ["--shards", str(prepared["shards"]), "--train.max_steps=6", "--train.grad_accum=2",
-              "--train.dtype=fp32", "--train.eval_every=3", "--train.save_every=3",
-              f"--data.corpus={prepared['cfg'].data.corpus[0]}"]
+              "--train.dtype=fp32", "--train.eval_every=3", "--train.save_every=3"]
     _pretrain(shared + ["--train.batch_size=8"], tmp_path / "single")
     ddp = _pretrain(shared + ["--train.batch_size=4"], tmp_path / "ddp", nproc=2)
     assert "x2" in ddp.stdout  # the preflight line names the world size
@@ -46,13 +45,12 @@ def test_sft_on_two_ranks_matches_one_process(prepared, tmp_path):
     from test_sft import arithmetic_chats
 
     base = tmp_path / "base"
-    _pretrain(["--shards", str(prepared["shards"]), "--train.max_steps=3", "--train.dtype=fp32",
-               f"--data.corpus={prepared['cfg'].data.corpus[0]}"], base)
+    _pretrain(["--shards", str(prepared["shards"]), "--train.max_steps=3", "--train.dtype=fp32"], base)
     chats = arithmetic_chats(tmp_path / "chats.jsonl", n=200)
-    shared = [f"--sft.corpus={chats}", "--sft.max_steps=4", "--sft.max_epochs=0", "--train.dtype=fp32",
-              "--train.save_every=0", "--sft.eval_every=2"]
-    _pretrain(shared + ["--sft.batch_size=8"], tmp_path / "single", verb=("sft", str(base)))
-    _pretrain(shared + ["--sft.batch_size=4"], tmp_path / "ddp", nproc=2, verb=("sft", str(base)))
+    shared = [f"--sft.corpus={chats}", "--sft.train.max_steps=4", "--sft.train.max_epochs=0", "--train.dtype=fp32",
+              "--train.save_every=0", "--sft.train.eval_every=2"]
+    _pretrain(shared + ["--sft.train.batch_size=8"], tmp_path / "single", verb=("sft", str(base)))
+    _pretrain(shared + ["--sft.train.batch_size=4"], tmp_path / "ddp", nproc=2, verb=("sft", str(base)))
     a = load_file(str(tmp_path / "single/checkpoints/step-0000004/model.safetensors"))
     b = load_file(str(tmp_path / "ddp/checkpoints/step-0000004/model.safetensors"))
     for name in a:
@@ -68,8 +66,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume(prepared, tmp_path):
     from tinylm.checkpoint import load_checkpoint
 
     shared = ["--shards", str(prepared["shards"]), "--train.max_steps=6", "--train.grad_accum=2",
-              "--train.dtype=fp32", "--train.eval_every=3", "--train.save_every=3",
-              f"--data.corpus={prepared['cfg'].data.corpus[0]}"]
+              "--train.dtype=fp32", "--train.eval_every=3", "--train.save_every=3"]
     _pretrain(shared + ["--train.batch_size=8"], tmp_path / "single")
     fsdp = _pretrain(shared + ["--train.batch_size=4", "--train.parallel=fsdp"], tmp_path / "fsdp", nproc=2)
     assert "x2 fsdp" in fsdp.stdout

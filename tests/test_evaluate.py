@@ -12,7 +12,7 @@ from tinylm.evaluate import (bits_per_byte, bootstrap_ratio, chat_loss, continua
                              multiple_choice, read_choice_task, wilson_interval)
 from tinylm.model import Transformer
 
-from conftest import SHARED, tiny_config
+from conftest import DATA, tiny_config
 
 
 def uniform_model(vocab: int) -> Transformer:
@@ -89,8 +89,8 @@ def test_chat_loss_scores_assistant_tokens_only(tokenizer):
 
 def test_choice_tasks_load_from_a_dataset_name_like_from_a_file(tmp_path):
     """The hub path (`datasets.load_dataset(name, streaming=True)`) on a local json builder, no network."""
-    rows = read_choice_task(str(SHARED / "hellaswag_dev.jsonl"), limit=5)
-    spec = f"json?data_files={SHARED / 'hellaswag_dev.jsonl'}&split=train"
+    rows = read_choice_task(str(DATA / "hellaswag_sample.jsonl"), limit=5)
+    spec = f"json?data_files={DATA / 'hellaswag_sample.jsonl'}&split=train"
     from_hub_path = read_choice_task(spec, limit=5)
     assert len(from_hub_path) == 5
     assert [(r["ctx"], list(r["endings"]), int(r["label"])) for r in from_hub_path] == \
@@ -130,11 +130,12 @@ def test_eval_verb_on_a_trained_checkpoint(prepared, tmp_path, capsys):
     cfg = tiny_config(prepared["cfg"].data.corpus[0], **{"train.max_steps": 10})
     ckpt = pretrain(cfg, prepared["shards"], tmp_path / "pretrain")["checkpoint"]
     blimp = tmp_path / "blimp.jsonl"
-    blimp.write_text("".join(open(SHARED / "blimp_dev.jsonl").readlines()[:20]))
-    args = ["eval", ckpt, "--blimp", str(blimp), "--choice", str(SHARED / "hellaswag_dev.jsonl"), "--max-items", "10",
+    blimp.write_text("".join(open(DATA / "blimp_sample.jsonl").readlines()[:20]))
+    # a task file given as a setting (as `tinylm run` takes it) counts like one given as a flag
+    args = ["eval", ckpt, f"--eval.blimp={blimp}", "--choice", str(DATA / "hellaswag_sample.jsonl"), "--max-items", "10",
             "--shards", str(prepared["shards"])]
     assert main(args) == 0
     results = json.loads((tmp_path / "pretrain" / "checkpoints" / "step-0000010" / "eval.json").read_text())
-    assert results["blimp:blimp.jsonl"]["n"] == 10 and results["choice:hellaswag_dev.jsonl"]["raw"]["n"] == 10
+    assert results["blimp:blimp.jsonl"]["n"] == 10 and results["choice:hellaswag_sample.jsonl"]["raw"]["n"] == 10
     assert results["validation_shards"]["bits_per_byte"] > 0
     assert "accuracy" in capsys.readouterr().out

@@ -22,13 +22,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 def _command(prepared, out: Path, verb: str, base: Path | None = None, chats: Path | None = None,
              nproc: int = 0, steps: int = STEPS) -> list[str]:
-    common = ["--config", "tiny", "--out", str(out), f"--data.corpus={prepared['cfg'].data.corpus[0]}",
+    common = ["--config", "tiny", "--out", str(out),
               "--train.save_every=7", "--train.eval_every=20", "--train.log_every=1"]
     if verb == "pretrain":
         args = ["pretrain", "--shards", str(prepared["shards"]), f"--train.max_steps={steps}", *common]
     else:
-        args = ["sft", str(base), f"--sft.corpus={chats}", f"--sft.max_steps={steps}", "--sft.max_epochs=0",
-                "--sft.batch_size=4", "--sft.eval_every=20", *common]
+        args = ["sft", str(base), f"--sft.corpus={chats}", f"--sft.train.max_steps={steps}", "--sft.train.max_epochs=0",
+                "--sft.train.batch_size=4", "--sft.train.eval_every=20", *common]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
     return [*launcher, "-m", "tinylm.cli", *args]
 
@@ -63,7 +63,7 @@ def sft_inputs(prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("preempt-sft")
     base = root / "base"
     _finish([sys.executable, "-m", "tinylm.cli", "pretrain", "--config", "tiny", "--shards", str(prepared["shards"]),
-             "--out", str(base), "--train.max_steps=3", f"--data.corpus={prepared['cfg'].data.corpus[0]}"])
+             "--out", str(base), "--train.max_steps=3"])
     return {"base": base, "chats": arithmetic_chats(root / "chats.jsonl", n=200)}
 
 

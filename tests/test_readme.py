@@ -45,6 +45,7 @@ def test_quick_start_has_the_two_commands():
     assert ".[dev]" in lines[1] and lines[1].endswith("python -m pytest")
 
 
+@pytest.mark.slow
 def test_quick_start_pipeline_on_the_tiny_preset(tmp_path):
     """The quick start's command with the tiny preset: the built-in corpus end to end, then a rerun."""
     cmd = _tinylm_command(quick_start()[0]) + ["--config", "tiny"]
@@ -83,6 +84,7 @@ def _section_python(heading: str) -> str:
     return code
 
 
+@pytest.mark.slow
 def test_python_example_runs(tmp_path, monkeypatch):
     code = _section_python("## Python API")
     monkeypatch.chdir(tmp_path)

@@ -92,8 +92,8 @@ def test_bad_conversations_name_file_line_and_field(tmp_path, line, message):
 
 def _sft_cfg(prepared, chats, **overrides):
     return tiny_config(prepared["cfg"].data.corpus[0], **{
-        "sft.corpus": [str(chats)], "sft.val_fraction": 0.2, "sft.batch_size": 8, "sft.max_steps": 40,
-        "sft.eval_every": 10, "sft.lr": 3e-3, **overrides})
+        "sft.corpus": [str(chats)], "sft.val_fraction": 0.2, "sft.train.batch_size": 8, "sft.train.max_steps": 40,
+        "sft.train.eval_every": 10, "sft.train.lr": 3e-3, **overrides})
 
 
 def test_sft_lowers_validation_loss_on_held_out_conversations(prepared, base_checkpoint, tmp_path):
@@ -119,7 +119,7 @@ def test_sft_lowers_validation_loss_on_held_out_conversations(prepared, base_che
 
 def test_sft_resumes_exactly(prepared, base_checkpoint, tmp_path):
     chats = arithmetic_chats(tmp_path / "chats.jsonl", n=120)
-    cfg = _sft_cfg(prepared, chats, **{"sft.max_steps": 8, "train.save_every": 4, "train.keep_last": 5,
+    cfg = _sft_cfg(prepared, chats, **{"sft.train.max_steps": 8, "train.save_every": 4, "train.keep_last": 5,
                                        "model.dropout": 0.0})
     sft(cfg, base_checkpoint, tmp_path / "straight")
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
@@ -148,7 +148,7 @@ def test_sft_starts_over_when_the_base_model_changes(prepared, tmp_path):
     chats = arithmetic_chats(tmp_path / "chats.jsonl", n=80)
     base_cfg = tiny_config(prepared["cfg"].data.corpus[0], **{"train.max_steps": 4})
     first = pretrain(base_cfg, prepared["shards"], tmp_path / "base")["checkpoint"]
-    cfg = _sft_cfg(prepared, chats, **{"sft.max_steps": 3})
+    cfg = _sft_cfg(prepared, chats, **{"sft.train.max_steps": 3})
     sft(cfg, first, tmp_path / "sft")
     second = pretrain(tiny_config(prepared["cfg"].data.corpus[0], **{"train.max_steps": 6}), prepared["shards"],
                       tmp_path / "base")["checkpoint"]
@@ -164,7 +164,7 @@ def test_accumulation_weighs_micro_batches_by_answer_tokens(prepared, base_check
     chats = arithmetic_chats(tmp_path / "chats.jsonl", n=120)
     weights = {}
     for name, batch, accum in (("one", 8, 1), ("accumulated", 4, 2)):
-        cfg = _sft_cfg(prepared, chats, **{"sft.batch_size": batch, "train.grad_accum": accum, "sft.max_steps": 3,
+        cfg = _sft_cfg(prepared, chats, **{"sft.train.batch_size": batch, "train.grad_accum": accum, "sft.train.max_steps": 3,
                                            "train.dtype": "fp32", "train.save_every": 0})
         sft(cfg, base_checkpoint, tmp_path / name)
         weights[name] = load_file(str(latest_checkpoint(tmp_path / name) / "model.safetensors"))

@@ -125,7 +125,7 @@ def _peak_rss_building(corpus_mb: int, tmp_path, tokenizer_dir) -> tuple[int, in
     corpus = tmp_path / f"corpus{corpus_mb}.txt"
     text = STORIES.read_text(encoding="utf-8")
     with open(corpus, "w", encoding="utf-8") as f:
-        for _ in range(corpus_mb // 2):
+        for _ in range(corpus_mb * 2**20 // len(text.encode("utf-8"))):
             f.write(text)
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(corpus), str(tokenizer_dir), str(tmp_path / f"s{corpus_mb}")],
                          capture_output=True, text=True, check=True)
@@ -134,6 +134,7 @@ def _peak_rss_building(corpus_mb: int, tmp_path, tokenizer_dir) -> tuple[int, in
     return peak, tokens
 
 
+@pytest.mark.slow
 def test_sharding_memory_does_not_grow_with_the_corpus(prepared, tmp_path):
     small, small_tokens = _peak_rss_building(4, tmp_path, prepared["tokenizer"])
     large, large_tokens = _peak_rss_building(40, tmp_path, prepared["tokenizer"])

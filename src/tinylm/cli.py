@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, help_text, load_config, preset_names, to_toml
+from .config import Config, ConfigError, EvalConfig, help_text, load_config, preset_names, to_toml
 
 VERBS = {
     "run": "tokenizer -> shards -> pretrain -> SFT -> samples, a demo chat, evaluation and the report (default: the built-in corpus)",
@@ -38,6 +38,15 @@ VERBS = {
 }
 
 
+# The config sections each verb reads; an override of any other section is refused, not ignored.
+ALL_SECTIONS = ("model", "tokenizer", "data", "collect", "clean", "train", "sft", "sample", "eval")
+VERB_SECTIONS = {
+    "run": ALL_SECTIONS, "collect": ("collect",), "clean": ("data", "clean"),
+    "tokenizer": ("data", "tokenizer", "model"), "shards": ("data",), "pretrain": ("model", "train"),
+    "sft": ("train", "sft"), "generate": ("sample",), "chat": ("sample",), "eval": ("eval",),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=None, help="preset name or TOML file (see `tinylm presets`)")
@@ -45,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinylm", description="Train a small language model from scratch and talk to it.",
                                      epilog="Any config field can be set as --section.field=value; see `tinylm config-help`.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    p = {name: sub.add_parser(name, parents=[common], help=text, description=text) for name, text in VERBS.items()}
+    p = {name: sub.add_parser(name, parents=[common], help=text, description=text, epilog=_settings_help(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter) for name, text in VERBS.items()}
     p["shards"].add_argument("--tokenizer", required=True, help="tokenizer directory")
     p["pretrain"].add_argument("--shards", required=True, help="shard directory (its meta.json names the tokenizer)")
     for verb in ("generate", "chat", "info", "sft", "serve", "web", "export", "eval"):
@@ -69,15 +79,34 @@ def _parser() -> argparse.ArgumentParser:
     p["eval"].add_argument("--chat", action="append", default=[],
                            help="conversation JSONL: loss on the assistant tokens (default for an SFT checkpoint: its held-out split)")
     p["eval"].add_argument("--shards", default=None, help="shard folder: bits-per-byte of its validation split")
-    p["eval"].add_argument("--max-items", type=int, default=0, help="score at most this many items per task file")
+    p["eval"].add_argument("--max-items", type=int, default=None,
+                           help="score at most this many items per task (default: all, or --eval.max_items)")
     p["report"].add_argument("run", help="run directory (the --out of `tinylm run`)")
     p["export"].add_argument("--format", choices=["hf", "gguf"], default="hf",
                              help="hf: transformers LlamaForCausalLM; gguf: llama.cpp / Ollama (needs `pip install gguf`)")
     return parser
 
 
+def _settings_help(verb: str) -> str:
+    sections = VERB_SECTIONS.get(verb, ())
+    if not sections:
+        return "This verb reads no config settings."
+    extra = ("\nIn `tinylm sft`, --train.FIELD sets the fine-tuning run's value (it goes over [sft.train])."
+             if verb == "sft" else "")
+    return f"Settings it reads (--section.field=value; [{'], ['.join(sections)}]):\n{help_text(sections)}{extra}"
+
+
+def _check_sections(verb: str, overrides: list[str]) -> None:
+    sections = VERB_SECTIONS.get(verb, ())
+    for item in overrides:
+        section = item.split("=", 1)[0].split(".", 1)[0]
+        if section not in sections:
+            reads = f"reads only [{'], ['.join(sections)}]" if sections else "reads no config settings"
+            raise ConfigError(f"`tinylm {verb}` {reads}: --{item.split('=', 1)[0]} would do nothing here")
+
+
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Known flags to argparse; `--section.field[=value]` pairs to the config."""
+    """Known flags to argparse; `--section.field[=value]` pairs to the config (only the verb's sections)."""
     args, rest = _parser().parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -90,6 +119,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             item, i = f"{item}={rest[i + 1]}", i + 1
         overrides.append(item[2:])
         i += 1
+    _check_sections(args.verb, overrides)
     return args, overrides
 
 
@@ -208,6 +238,8 @@ def cmd_sft(args, overrides) -> int:
     from .pipeline import sft
 
     base = _saved_config(args.checkpoint)  # the pretraining run's settings, then --config and overrides
+    # here --train.X is the fine-tuning run's X: it goes over the stage's [sft.train] values
+    overrides = [f"sft.{o}" if o.startswith("train.") else o for o in overrides]
     summary = sft(_config(args, overrides, base=base), args.checkpoint, args.out or "runs/default/sft")
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(summary, indent=2, default=str))
@@ -285,8 +317,13 @@ def cmd_export(args, overrides) -> int:
 def cmd_eval(args, overrides) -> int:
     from .evaluate import evaluate_checkpoint, format_score, score_table
 
-    results = evaluate_checkpoint(args.checkpoint, args.text, args.blimp, args.choice, args.shards, args.max_items,
-                                  args.chat, device=args.device)
+    cfg = _config(args, overrides)  # [eval]: task files add to the flags' ones, as in `tinylm run`
+    max_items = args.max_items
+    if max_items is None:  # all items, unless --eval.max_items (or a --config file) bounds them
+        set_here = any(o.split("=", 1)[0] == "eval.max_items" for o in overrides)
+        max_items = cfg.eval.max_items if set_here or (args.config and cfg.eval.max_items != EvalConfig().max_items) else 0
+    results = evaluate_checkpoint(args.checkpoint, args.text, [*args.blimp, *cfg.eval.blimp],
+                                  [*args.choice, *cfg.eval.choice], args.shards, max_items, args.chat, device=args.device)
     for row in score_table(results):
         print(format_score(row))
     return 0

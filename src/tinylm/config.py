@@ -166,18 +166,18 @@ class TrainConfig:
     tensorboard: bool = False  # write TensorBoard event files (needs `pip install tensorboard`)
 
 
+# The [train] settings that fine-tuning changes, and to what, unless a preset's [sft.train] table or an
+# override says otherwise. `compile` is off: SFT batches vary in width, so it would compile several times.
+SFT_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 5e-4, "warmup_steps": 20, "batch_size": 16, "max_steps": 0,
+                                      "max_epochs": 1.0, "max_tokens": 0, "max_time": 0.0, "eval_every": 100,
+                                      "compile": False}
+
+
 @dataclass
 class SFTConfig:
     corpus: list[str] = field(default_factory=lambda: ["builtin"])  # conversation JSONL files ("conversations" or "messages") or "builtin"; empty = no SFT in `tinylm run`
     val_fraction: float = 0.05  # share of conversations held out for validation
-    lr: float = 5e-4  # peak learning rate for fine-tuning (other settings come from [train])
-    warmup_steps: int = 20  # linear warmup steps
-    batch_size: int = 16  # conversations per micro-batch (per rank)
-    max_steps: int = 0  # stop after this many steps (0 = no limit)
-    max_epochs: float = 1.0  # stop after this many passes over the conversations (0 = no limit)
-    max_time: float = 0.0  # stop after this many seconds (0 = no limit)
-    eval_every: int = 100  # validation on held-out conversations every N steps
-    compile: bool = False  # torch.compile for fine-tuning: batches vary in width, so it compiles several times (pays on long runs only)
+    train: dict[str, Any] = field(default_factory=lambda: dict(SFT_TRAIN_DEFAULTS))  # [sft.train]: [train] settings that differ for fine-tuning (--sft.train.lr=...); the rest come from [train]
     demo: list[str] = field(default_factory=lambda: ["Hi! How are you today?", "What do you like to do on weekends?"])  # user messages of the demo exchange after `tinylm run`
 
 
@@ -215,6 +215,10 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def stage_train(self, stage: str) -> TrainConfig:
+        """The training settings of a stage: [train] for pretraining; [train] under [sft.train] for SFT."""
+        return dataclasses.replace(self.train, **self.sft.train) if stage == "sft" else self.train
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -276,18 +280,33 @@ def set_value(cfg: Config, dotted: str, value: Any, origin: str = "override") ->
     section, _, name = dotted.partition(".")
     if section not in _SECTION_TYPES or not name:
         raise ConfigError(f"{origin}: unknown section {section!r}{_suggest(section, list(_SECTION_TYPES))}")
+    train_fields = _field_types("train")
+    if section == "sft" and name.startswith("train."):  # a [train] setting for the fine-tuning stage
+        key = name.removeprefix("train.")
+        if key not in train_fields:
+            raise ConfigError(f"{origin}: unknown key {dotted!r}{_suggest(key, list(train_fields))}")
+        cfg.sft.train[key] = _coerce(value, train_fields[key], f"{origin}: {dotted}")
+        return
     types_ = _field_types(section)
+    if section == "sft" and name in train_fields:
+        raise ConfigError(f"{origin}: {dotted!r} is now 'sft.train.{name}': fine-tuning takes any [train] setting "
+                          f"under [sft.train]")
     if name not in types_:
         raise ConfigError(f"{origin}: unknown key {dotted!r}{_suggest(name, list(types_))}")
+    if typing.get_origin(types_[name]) is dict:
+        raise ConfigError(f"{origin}: {dotted!r} is a table: set its fields, e.g. --{dotted}.lr=1e-4")
     setattr(getattr(cfg, section), name, _coerce(value, types_[name], f"{origin}: {dotted}"))
 
 
-def merge_dict(cfg: Config, data: dict[str, Any], origin: str) -> None:
-    for section, values in data.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{origin}: top-level key {section!r} must be a [section]{_suggest(section, list(_SECTION_TYPES))}")
-        for name, value in values.items():
-            set_value(cfg, f"{section}.{name}", value, origin)
+def merge_dict(cfg: Config, data: dict[str, Any], origin: str, prefix: str = "") -> None:
+    """Set every value of a parsed TOML document (or a saved config); sub-tables such as [sft.train] nest."""
+    for key, value in data.items():
+        if not prefix and not isinstance(value, dict):
+            raise ConfigError(f"{origin}: top-level key {key!r} must be a [section]{_suggest(key, list(_SECTION_TYPES))}")
+        if isinstance(value, dict):
+            merge_dict(cfg, value, origin, f"{prefix}{key}.")
+        else:
+            set_value(cfg, f"{prefix}{key}", value, origin)
 
 
 PRESET_DIRS = [
@@ -354,15 +373,21 @@ def to_toml(cfg: Config) -> str:
     lines = []
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
         lines.append("")
+        for table, items in ((k, v) for k, v in values.items() if isinstance(v, dict)):
+            lines.append(f"[{section}.{table}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in items.items()]
+            lines.append("")
     return "\n".join(lines)
 
 
-def help_text() -> str:
-    """Every field with its meaning (the comment beside it in this file): the CLI's `config-help`."""
+def help_text(sections=None) -> str:
+    """Every field of `sections` (default: all) with its meaning (the comment beside it in this file)."""
     out = []
     for section, cls in _SECTION_TYPES.items():
+        if sections is not None and section not in sections:
+            continue
         comments = {}
         for line in inspect.getsource(cls).splitlines():
             match = re.match(r"\s+(\w+): [^=]+=.*#\s*(.+)$", line)
@@ -370,7 +395,8 @@ def help_text() -> str:
                 comments[match[1]] = match[2]
         default = cls()
         for f in dataclasses.fields(cls):
-            out.append(f"  --{section}.{f.name:<22} {comments.get(f.name, '')} [{getattr(default, f.name)!r}]")
+            flag = f"{section}.{f.name}" + (".FIELD" if isinstance(getattr(default, f.name), dict) else "")
+            out.append(f"  --{flag:<28} {comments.get(f.name, '')} [{getattr(default, f.name)!r}]")
     return "\n".join(out)
 
 

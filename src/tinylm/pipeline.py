@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .config import Config, to_toml
+from .config import Config, ConfigError, to_toml
 from .corpus import files_fingerprint
 from .data import PackedBatches
 from .io import hash_json, read_json, write_json, write_text
@@ -91,27 +91,23 @@ def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runti
     from .checkpoint import checkpoint_model_config, find_checkpoint
 
     init_checkpoint, out_dir = find_checkpoint(init_checkpoint), Path(out_dir)
-    rt = rt or setup_runtime(cfg.train)
+    rt = rt or setup_runtime(cfg.stage_train("sft"))
     data_dir = out_dir / "data"
     if rt.is_main:
         _set_aside_if_base_changed(out_dir, init_checkpoint)
         sft_data_stage(cfg, init_checkpoint, data_dir)
     if rt.distributed:
         dist.barrier()
-    s = cfg.sft
-    cfg = dataclasses.replace(
-        cfg, model=checkpoint_model_config(init_checkpoint),
-        train=dataclasses.replace(cfg.train, lr=s.lr, warmup_steps=s.warmup_steps, batch_size=s.batch_size,
-                                  max_steps=s.max_steps, max_epochs=s.max_epochs, max_time=s.max_time, max_tokens=0,
-                                  eval_every=s.eval_every, compile=s.compile, init_from=str(init_checkpoint)))
-    tok, seq = Tokenizer.load(init_checkpoint), cfg.model.max_seq_len
-    batches = SFTBatches(SFTRows.load(data_dir, "train"), seq, s.batch_size, tok.pad_id, cfg.train.seed, rt.rank, rt.world)
+    tc = dataclasses.replace(cfg.stage_train("sft"), init_from=str(init_checkpoint))
+    cfg = dataclasses.replace(cfg, model=checkpoint_model_config(init_checkpoint), train=tc)
+    tok, seq, batch = Tokenizer.load(init_checkpoint), cfg.model.max_seq_len, tc.batch_size
+    batches = SFTBatches(SFTRows.load(data_dir, "train"), seq, batch, tok.pad_id, tc.seed, rt.rank, rt.world)
     val_rows = SFTRows.load(data_dir, "val")
     make_val = None
-    if len(val_rows) >= rt.world * s.batch_size:
-        n_val = min(cfg.train.eval_batches, len(val_rows) // (rt.world * s.batch_size))
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_batches=n_val))
-        make_val = lambda: SFTBatches(val_rows, seq, s.batch_size, tok.pad_id, VAL_SEED, rt.rank, rt.world)  # noqa: E731
+    if len(val_rows) >= rt.world * batch:
+        n_val = min(tc.eval_batches, len(val_rows) // (rt.world * batch))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n_val))
+        make_val = lambda: SFTBatches(val_rows, seq, batch, tok.pad_id, VAL_SEED, rt.rank, rt.world)  # noqa: E731
     elif rt.is_main:
         say(f"sft: only {len(val_rows)} held-out conversation rows: no validation loss")
     return train(cfg, out_dir, rt, batches, make_val, init_checkpoint, stage="sft")
@@ -155,6 +151,11 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     Up-to-date stages are skipped; training stages resume from their newest checkpoint.
     """
     run_dir = Path(run_dir)
+    runtime_fields = ("device", "dtype", "deterministic", "parallel")
+    differ = [f for f in runtime_fields if cfg.sft.corpus and cfg.sft.train.get(f, getattr(cfg.train, f)) != getattr(cfg.train, f)]
+    if differ:  # one process, one runtime: both stages run on what it was set up for
+        raise ConfigError(f"sft.train.{differ[0]} differs from train.{differ[0]}: `tinylm run` runs both stages on one "
+                          f"runtime ({', '.join(runtime_fields)}); fine-tune apart with `tinylm sft` to change it")
     rt = setup_runtime(cfg.train)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
