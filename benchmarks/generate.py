@@ -1,6 +1,6 @@
 """Generation speed: tinylm's KV-cache decoder vs full recomputation and vs transformers' generate.
 
-    python benchmarks/generate.py --presets cpu-demo seed-26m
+    python benchmarks/generate.py --presets cpu-demo gpu-26m
 
 A model of the preset's size (random weights: speed does not depend on them) generates 200 new
 tokens after a 32-token prompt, greedily, at batch 1 and batch 8, three ways:
@@ -103,7 +103,7 @@ def transformers_generate(hf, prompts, new: int = NEW) -> tuple[float, float, to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["cpu-demo", "seed-26m"])
+    parser.add_argument("--presets", nargs="+", default=["cpu-demo", "gpu-26m"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2,
                         help="rounds of the three methods, one after another; each method's fastest round counts")

@@ -53,12 +53,12 @@ sys.path.insert(0, str(HERE))  # the sibling benchmarks: train.py (naive step, t
 import generate as gen_bench  # noqa: E402
 import train as train_bench  # noqa: E402
 
-# What each device runs. The GPU sizes are the presets' own (seed-26m at its GPU micro-batch of 32).
+# What each device runs. The GPU sizes are the presets' own (gpu-26m at its GPU micro-batch of 32).
 PLANS = {
     "cuda": {
-        "train": [("seed-26m", {"train.batch_size": 32}), ("gpu-small", {})],
+        "train": [("gpu-26m", {"train.batch_size": 32}), ("gpu-small", {})],
         "train_steps": 10, "train_warmup": 3,
-        "generate": ["seed-26m", "gpu-small"], "prompt": 32, "new": 200, "batches": [1, 32], "rounds": 1,
+        "generate": ["gpu-26m", "gpu-small"], "prompt": 32, "new": 200, "batches": [1, 32], "rounds": 1,
         "e2e": {"config": "gpu-small", "pretrain_s": 120, "sft_s": 60, "term_at": 0.4,
                 "extra": ["--train.warmup_steps=100", "--train.eval_every=100", "--train.save_every=200",
                           "--sft.train.max_epochs=0", "--sft.train.eval_every=100", "--eval.max_items=100"]},
@@ -162,7 +162,7 @@ def env_section(rep: Report, device: torch.device) -> None:
                   f"transformers {info['transformers']}, bf16 {info['bf16']}")
         ok = info["bf16"]
     else:
-        from tinylm.train import cpu_supports_bf16
+        from tinylm.device import cpu_supports_bf16
 
         info["bf16"] = cpu_supports_bf16()
         figure = (f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, transformers {info['transformers']}, "
@@ -431,7 +431,7 @@ def fp16_section(rep: Report, device: torch.device, plan: dict, work: Path) -> N
 def checkpoint_section(rep: Report, device: torch.device, work: Path) -> None:
     """The single-process run's checkpoint (saved by training on `device`), loaded on the CPU and on the device."""
     from tinylm.checkpoint import latest_checkpoint, load_checkpoint
-    from tinylm.io import read_json
+    from tinylm.files import read_json
 
     ckpt = latest_checkpoint(work / "par-single")
     if ckpt is None:

@@ -1,6 +1,6 @@
 """Training speed: tinylm's step vs a naive reference written the way the seeds do it, and MFU.
 
-    python benchmarks/train.py --presets cpu-demo seed-26m
+    python benchmarks/train.py --presets cpu-demo gpu-26m
 
 For each preset, at the preset's sizes and micro-batch:
   - tinylm: the real training step (`train.Stepper`) with the preset's settings
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from tinylm.config import load_config
 from tinylm.model import Transformer
 from tinylm.parallel import wrap
-from tinylm.train import Stepper, build_optimizer, pick_dtype, setup_runtime
+from tinylm.device import pick_dtype
+from tinylm.train import Stepper, build_optimizer, setup_runtime
 
 
 # --- the naive reference ---------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def bench_preset(preset: str, steps: int, warmup: int, device: str = "cpu", over
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["cpu-demo", "seed-26m"])
+    parser.add_argument("--presets", nargs="+", default=["cpu-demo", "gpu-26m"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()

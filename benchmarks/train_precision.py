@@ -17,7 +17,8 @@ import torch
 
 from tinylm.config import load_config
 from tinylm.data import PackedBatches
-from tinylm.train import cpu_supports_bf16, setup_runtime, train
+from tinylm.device import cpu_supports_bf16
+from tinylm.train import setup_runtime, train
 
 
 def machine() -> str:

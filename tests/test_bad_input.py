@@ -70,7 +70,7 @@ def test_a_full_disk_while_saving_keeps_no_half_checkpoint(prepared, tmp_path):
 
 def test_an_interrupted_output_is_never_half_there(tmp_path):
     """Every stage writes through atomic_dir: a failure mid-way leaves the previous complete output."""
-    from tinylm.io import atomic_dir
+    from tinylm.files import atomic_dir
 
     target = tmp_path / "tokenizer"
     with atomic_dir(target) as tmp:
@@ -104,7 +104,7 @@ def test_a_huge_line_is_cut_into_pieces_at_whitespace(tmp_path):
 def test_the_shard_stage_counts_the_documents_it_cut(prepared, tmp_path):
     from tinylm.config import load_config
     from tinylm.corpus import read_documents
-    from tinylm.io import read_json
+    from tinylm.files import read_json
     from tinylm.prepare import shards_stage
 
     words = " ".join(f"word{i}" for i in range(5_000))  # 38 kB

@@ -6,9 +6,11 @@ from tinylm.model import Transformer
 
 def test_presets_exist_and_load():
     names = preset_names()
-    for required in ("tiny", "cpu-demo", "seed-26m", "seed2-llama"):
+    for required in ("tiny", "cpu-demo", "gpu-26m", "gpu-46m"):
         assert required in names
         load_config(required)
+    assert load_config("seed-26m") == load_config("gpu-26m")  # the old names still work
+    assert load_config("seed2-llama") == load_config("gpu-46m")
 
 
 def test_overrides_are_typed():
@@ -35,7 +37,7 @@ def test_unknown_preset_suggests():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config("seed2-llama", ["sample.stop=a,b"])
+    cfg = load_config("gpu-46m", ["sample.stop=a,b"])
     path = tmp_path / "c.toml"
     path.write_text(to_toml(cfg))
     assert load_config(str(path)) == cfg
@@ -47,7 +49,7 @@ def test_invalid_model_shape_is_rejected():
         load_config("tiny", ["model.dim=66"])
 
 
-@pytest.mark.parametrize("preset, low, high", [("seed-26m", 25e6, 27e6), ("seed2-llama", 35e6, 47e6)])
+@pytest.mark.parametrize("preset, low, high", [("gpu-26m", 25e6, 27e6), ("gpu-46m", 35e6, 47e6)])
 def test_seed_preset_sizes(preset, low, high):
     cfg = load_config(preset)
     cfg.model.vocab_size = cfg.tokenizer.vocab_size

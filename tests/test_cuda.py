@@ -67,7 +67,7 @@ def test_sdpa_takes_a_fused_kernel_at_training_shapes():
     the GPU presets' shapes (head dim 64, grouped-query heads) runs: it never needs the math path."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    for preset in ("seed-26m", "gpu-small"):
+    for preset in ("gpu-26m", "gpu-small"):
         cfg = load_config(preset).model
         cfg.vocab_size, cfg.n_layers = 1024, 1
         torch.manual_seed(0)

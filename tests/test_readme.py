@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"
 
 
 def _blocks(lang: str) -> list[str]:
@@ -36,6 +37,13 @@ def _run_cli(args: list[str], cwd: Path, timeout: int) -> subprocess.CompletedPr
     cmd = [sys.executable, "-m", "tinylm.cli", *args[1:]]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_readme_is_a_short_front_door_whose_links_resolve():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 200
+    for target in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (README.parent / target).is_file(), target
 
 
 def test_quick_start_has_the_two_commands():
@@ -78,8 +86,9 @@ def test_quick_start_exactly_as_written(tmp_path):
     print(result.stdout[-3000:])
 
 
-def _section_python(heading: str) -> str:
-    section = README.read_text(encoding="utf-8").split(heading, 1)[1].split("\n## ", 1)[0]
+def _section_python(heading: str, doc: Path = README) -> str:
+    """The one Python example under `heading` in the README (or another document)."""
+    section = doc.read_text(encoding="utf-8").split(heading, 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     return code
 

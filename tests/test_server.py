@@ -132,9 +132,9 @@ def test_loopback_detection():
 
 
 def test_readme_client_example_runs(lm):
-    from test_readme import _section_python
+    from test_readme import DOCS, _section_python
 
-    code = _section_python("## Talking to the model")
+    code = _section_python("## OpenAI-compatible API", DOCS / "serving.md")
     with LiveServer(create_app(lm, "tinylm")) as url:
         scope: dict = {}
         exec(compile(code.replace("http://127.0.0.1:8000", url), "README.md", "exec"), scope)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tinylm.checkpoint import latest_checkpoint
 from tinylm.corpus import CorpusError
 from tinylm.pipeline import pretrain, sft
-from tinylm.sft import FitStats, SFTBatches, SFTRows, build_sft_shards, fit_to_context, read_conversations
+from tinylm.conversations import FitStats, SFTBatches, SFTRows, build_sft_shards, fit_to_context, read_conversations
 
 from conftest import tiny_config
 
@@ -199,3 +199,37 @@ def test_loop_validation_is_the_token_weighted_loss_of_its_rows(prepared, base_c
         lengths = [int(rows.row(int(i))[1][1:].sum()) for i in order]
     assert len(set(lengths)) > 1  # answers of different lengths, or the weighting would not matter
     assert loop == pytest.approx(reference["loss"], abs=1e-4)
+
+
+def test_sft_counts_real_tokens_and_the_log_shows_flops_and_mfu(prepared, base_checkpoint, tmp_path):
+    """tokens and tok/s count the conversation tokens of each batch, never its padding; TFLOP/s is
+    tokens/s times the model's FLOPs per token, and MFU that over the peak named in the preflight."""
+    from tinylm.model import Transformer
+    from tinylm.device import peak_flops
+    from tinylm.tokenizer import Tokenizer
+
+    chats = arithmetic_chats(tmp_path / "chats.jsonl", n=120)
+    cfg = _sft_cfg(prepared, chats, **{"sft.train.max_steps": 3, "train.grad_accum": 2, "train.dtype": "fp32"})
+    sft(cfg, base_checkpoint, tmp_path / "sft")
+    records = [json.loads(ln) for ln in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    pad = Tokenizer.load(base_checkpoint).pad_id
+    replay = SFTBatches(SFTRows.load(tmp_path / "sft" / "data", "train"), 64, 8, pad, cfg.train.seed)
+    batches = [replay.next_batch()[0] for _ in range(6)]
+    real = [int((x != pad).sum()) for x in batches]
+    assert [r["tokens"] for r in records] == [sum(real[:2]), sum(real[:4]), sum(real)]
+    assert sum(real) < sum(x.numel() for x in batches)  # there was padding to leave out
+    model = Transformer(load_checkpoint_cfg(base_checkpoint))
+    peak, source = peak_flops(torch.device("cpu"), torch.float32)
+    for r in records:
+        step_tokens = r["tokens"] - (records[records.index(r) - 1]["tokens"] if r["step"] > 1 else 0)
+        dt = step_tokens / r["tok_per_s"]
+        assert r["tflops"] == pytest.approx(step_tokens * model.flops_per_token(64) / dt / 1e12, rel=1e-2)
+        assert r["mfu"] == pytest.approx(r["tflops"] * 1e12 / peak, rel=1e-2)
+    log = (tmp_path / "sft" / "train.log").read_text()
+    assert f"MFU against {peak / 1e12:,.2f} TFLOP/s ({source})" in log and " MFU " in log
+
+
+def load_checkpoint_cfg(path):
+    from tinylm.checkpoint import checkpoint_model_config
+
+    return checkpoint_model_config(path)

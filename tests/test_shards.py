@@ -9,7 +9,7 @@ import pytest
 from tinylm.config import DataConfig
 from tinylm.corpus import CorpusError, Document, is_validation, read_documents, split_documents
 from tinylm.data import PackedBatches
-from tinylm.io import read_json
+from tinylm.files import read_json
 from tinylm.shards import build_shards, load_split
 
 from conftest import STORIES

@@ -102,7 +102,7 @@ def test_transformers_chat_template_parity(prepared, sp_tokenizer, which):
 
 
 def test_compression_is_reported(prepared):
-    from tinylm.io import read_json
+    from tinylm.files import read_json
 
     meta = read_json(prepared["tokenizer"] / "meta.json")
     report = meta["held_out_compression"]

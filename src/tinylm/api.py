@@ -20,9 +20,10 @@ from pathlib import Path
 from .checkpoint import load_checkpoint
 from .config import SampleConfig
 from .generate import generate_ids
+from .layout import checkpoint_name
 from .model import Transformer
 from .tokenizer import Tokenizer
-from .train import pick_device
+from .device import pick_device
 
 
 @dataclasses.dataclass
@@ -48,8 +49,7 @@ class LanguageModel:
 
     @property
     def name(self) -> str:
-        path = Path(self.meta.get("path", "model"))
-        return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
+        return checkpoint_name(Path(self.meta.get("path", "model")))
 
     @property
     def num_params(self) -> int:

@@ -2,7 +2,7 @@
 
 PyTorch's CPU flash attention takes the whole score row of a 512-token sequence as one block, so it
 computes the masked half of the scores too, and its backward runs at a few percent of the CPU's
-matrix peak (at `seed-26m` it took a third of the compiled training step). Here the queries are cut
+matrix peak (at `gpu-26m` it took a third of the compiled training step). Here the queries are cut
 into chunks of `CHUNK` rows; chunk i attends to keys 0..end_i only, so about (n + 1) / 2n of the
 score matrix is computed for n chunks instead of all of it. Each chunk is a few batched matrix
 products with one score block held in memory, which inductor fuses with the elementwise work around

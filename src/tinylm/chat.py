@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .api import load
 from .config import Config, ConfigError, set_value
-from .io import write_json
+from .files import write_json
 
 HELP = """commands:
   /reset              forget the conversation

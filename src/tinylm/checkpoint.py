@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .config import Config, ModelConfig, config_from_dict
-from .io import atomic_dir, read_json, sha256_file, write_json, write_text
+from .layout import TRAINING_STAGES, RunLayout
+from .files import atomic_dir, read_json, sha256_file, write_json, write_text
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -102,7 +103,8 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / "model.safetensors").is_file():
         return path
-    for stage in (path, path / "sft", path / "pretrain"):
+    run = RunLayout(path)
+    for stage in (path, *(getattr(run, s) for s in reversed(TRAINING_STAGES))):  # the last stage first
         found = latest_checkpoint(stage)
         if found:
             return found

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .config import CleanConfig
 from .corpus import Document
 from .dedup import KeyIndex, MinHashIndex, text_key
-from .io import atomic_dir, write_json, write_text
+from .files import atomic_dir, write_json, write_text
 from .shards import run_in_pool
 
 RULES = ("too_short", "too_long", "too_few_words", "short_sentences", "long_sentences", "few_unique_chars",

@@ -254,7 +254,7 @@ def _saved_config(checkpoint: str) -> Config:
 
 def cmd_generate(args, overrides) -> int:
     from .api import load
-    from .io import write_json, write_text
+    from .files import write_json, write_text
 
     cfg = _config(args, overrides, base=_saved_config(args.checkpoint))
     lm = load(args.checkpoint, device=args.device)
@@ -339,7 +339,7 @@ def cmd_report(args, overrides) -> int:
 
 def cmd_info(args, overrides) -> int:
     from .checkpoint import find_checkpoint
-    from .io import read_json
+    from .files import read_json
 
     ckpt = find_checkpoint(args.checkpoint)
     meta = read_json(ckpt / "meta.json")
@@ -354,8 +354,11 @@ def cmd_info(args, overrides) -> int:
 
 
 def cmd_presets(args, overrides) -> int:
+    from .config import PRESET_ALIASES
+
     for name in preset_names():
-        print(name)
+        aliases = [old for old, new in PRESET_ALIASES.items() if new == name]
+        print(name + (f" (also: {', '.join(aliases)})" if aliases else ""))
     return 0
 
 

@@ -23,11 +23,11 @@ import urllib.robotparser
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import quote, urlsplit
 
 from .config import CollectConfig, DataConfig
-from .corpus import builtin_documents, read_documents
-from .io import read_json, write_json
+from .corpus import builtin_documents, parse_hf_spec, read_documents
+from .files import read_json, write_json
 
 USER_AGENT = "tinylm/0.1 (small language model trainer; +https://pypi.org/project/tinylm/)"
 WIKIPEDIA_LICENSE = "CC BY-SA 4.0"
@@ -105,15 +105,6 @@ def from_builtin() -> Iterator[dict]:
         licence = "MIT" if doc.source.startswith("chitchat") else "BSD-3-Clause"
         yield {"text": doc.text, "source": "builtin", "path": doc.source, "title": None, "license": licence,
                "retrieved_at": _now()}
-
-
-def parse_hf_spec(spec: str) -> tuple[str, str | None, dict]:
-    name, _, query = spec.partition("?")
-    options = dict(parse_qsl(query))
-    config = None
-    if name.count("/") == 2:  # owner/dataset/config
-        name, config = name.rsplit("/", 1)
-    return name, config, options
 
 
 def from_hf_dataset(spec: str, max_rows: int) -> Iterator[dict]:

@@ -315,6 +315,9 @@ PRESET_DIRS = [
 ]
 
 
+PRESET_ALIASES = {"seed-26m": "gpu-26m", "seed2-llama": "gpu-46m"}  # the names they had, after the seed projects
+
+
 def preset_names() -> list[str]:
     return sorted({p.stem for d in PRESET_DIRS if d.is_dir() for p in d.glob("*.toml")})
 
@@ -323,6 +326,7 @@ def resolve_preset(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix == ".toml" and path.is_file():
         return path
+    name_or_path = PRESET_ALIASES.get(name_or_path, name_or_path)
     for d in PRESET_DIRS:
         candidate = d / f"{name_or_path}.toml"
         if candidate.is_file():

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 from .config import DataConfig
 
@@ -118,14 +119,30 @@ def _text_of(record, fields: list[str], where: str) -> str:
     raise CorpusError(f"{where}: no field {' or '.join(map(repr, fields))} (fields present: {', '.join(map(str, record)) or 'none'})")
 
 
-def read_jsonl_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
-    for lineno, line in _lines(path):
+def jsonl_records(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed record) of every non-blank line of a JSON Lines file (optionally .gz): the
+    one JSON Lines reader. Raises CorpusError naming the file and line for bad UTF-8 or bad JSON."""
+    for lineno, line in _lines(Path(path)):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, dict]:
+    """A Hugging Face dataset named as `owner/name[/config]?key=value&...`: (name, config, options)."""
+    name, _, query = spec.partition("?")
+    options = dict(parse_qsl(query))
+    config = None
+    if name.count("/") == 2:  # owner/dataset/config
+        name, config = name.rsplit("/", 1)
+    return name, config, options
+
+
+def read_jsonl_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
+    for lineno, record in jsonl_records(path):
         text = _text_of(record, cfg.text_fields, f"{path}:{lineno}")
         if text.strip():
             yield Document(text, f"{path}:{lineno}")

@@ -10,7 +10,6 @@ with different tokenizers can be compared. All scoring goes through one function
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -132,17 +131,14 @@ def bits_per_byte(model: Transformer, tok: Tokenizer, texts: Iterable[str], batc
 
 # --- task files -----------------------------------------------------------------------------------
 def read_jsonl(path: str | Path, limit: int = 0) -> list[dict]:
+    """The first `limit` records (0 = all) of a task file; errors name the file and line."""
+    from .corpus import jsonl_records
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if limit and len(rows) >= limit:
-                break
+    for _, record in jsonl_records(path):
+        rows.append(record)
+        if limit and len(rows) >= limit:
+            break
     return rows
 
 
@@ -221,7 +217,7 @@ def chat_loss(model: Transformer, rows: Sequence[tuple[Sequence[int], Sequence[i
 
 
 def _conversation_rows(tok: Tokenizer, paths: Sequence[str], limit: int) -> list[tuple[list[int], list[int]]]:
-    from .sft import read_conversations
+    from .conversations import read_conversations
 
     rows = []
     for conv in read_conversations(paths):
@@ -232,7 +228,7 @@ def _conversation_rows(tok: Tokenizer, paths: Sequence[str], limit: int) -> list
 
 
 def _sft_val_rows(data_dir: Path, limit: int) -> list[tuple[list[int], list[int]]]:
-    from .sft import SFTRows
+    from .conversations import SFTRows
 
     val = SFTRows.load(data_dir, "val")
     n = min(len(val), limit) if limit else len(val)
@@ -246,7 +242,7 @@ def read_choice_task(spec: str, limit: int = 0) -> list[dict]:
         return read_jsonl(spec, limit)
     from datasets import load_dataset
 
-    from .collect import parse_hf_spec
+    from .corpus import parse_hf_spec
 
     name, config, options = parse_hf_spec(spec)
     split = options.pop("split", "validation")
@@ -268,8 +264,10 @@ def evaluate_checkpoint(checkpoint: str | Path, texts: Sequence[str] = (), blimp
     from .checkpoint import find_checkpoint, load_checkpoint
     from .config import DataConfig
     from .corpus import read_documents
-    from .io import read_json, write_json
-    from .train import pick_device
+    from .files import read_json, write_json
+    from .device import pick_device
+    from .layout import RunLayout, stage_dir
+    from .layout import sft_data as layout_sft_data
 
     ckpt = find_checkpoint(checkpoint)
     model, tok, meta = load_checkpoint(ckpt, pick_device(device))
@@ -277,11 +275,11 @@ def evaluate_checkpoint(checkpoint: str | Path, texts: Sequence[str] = (), blimp
     results: dict = {}
     sft_data = None
     if defaults or (defaults is None and not (texts or blimp or choice or shards or chat)):
-        run_dir = ckpt.parents[2] if len(ckpt.parents) > 2 else None
-        if run_dir and (run_dir / "shards" / "meta.json").is_file():
-            shards = str(run_dir / "shards")
-        if meta["trainer"].get("stage") == "sft" and (ckpt.parents[1] / "data" / "meta.json").is_file():
-            sft_data = ckpt.parents[1] / "data"
+        run, stage = RunLayout.of_checkpoint(ckpt), stage_dir(ckpt)
+        if run is not None and (run.shards / "meta.json").is_file():
+            shards = str(run.shards)
+        if meta["trainer"].get("stage") == "sft" and stage is not None and (layout_sft_data(stage) / "meta.json").is_file():
+            sft_data = layout_sft_data(stage)
         if shards is None and sft_data is None and not defaults:
             raise ValueError(f"nothing to evaluate: give --text, --blimp, --choice or --chat files (no shards beside {ckpt})")
     if shards:

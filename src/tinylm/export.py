@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import TOKENIZER_FILES, find_checkpoint, load_checkpoint
-from .io import atomic_dir, write_json, write_text
+from .files import atomic_dir, write_json, write_text
+from .layout import checkpoint_name
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -90,7 +91,7 @@ library_name: transformers
 pipeline_tag: text-generation
 license: other
 ---
-# {ckpt.parent.parent.name}/{ckpt.name}
+# {checkpoint_name(ckpt)}
 
 A small LLaMA-style language model trained from scratch with [tinylm](https://pypi.org/project/tinylm/).
 
@@ -154,7 +155,7 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         w = gguf.GGUFWriter(tmp / "model.gguf", arch="llama")
-        w.add_name(f"{ckpt.parent.parent.name}-{ckpt.name}")
+        w.add_name(checkpoint_name(ckpt).replace("/", "-"))
         w.add_context_length(c.max_seq_len)
         w.add_embedding_length(c.dim)
         w.add_block_count(c.n_layers)

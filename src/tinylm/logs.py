@@ -56,7 +56,9 @@ class MetricsLog:
             return
         total = f"/{total_steps}" if total_steps else ""
         text = (f"step {record['step']:>6}{total} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                f"gnorm {record['grad_norm']:.3f} | {_si(record['tok_per_s'])} tok/s | eta {format_duration(eta)}")
+                f"gnorm {record['grad_norm']:.3f} | {_si(record['tok_per_s'])} tok/s | "
+                + (f"{record['tflops']:.3g} TFLOP/s" if "tflops" in record else "")
+                + (f" MFU {record['mfu']:.0%}" if "mfu" in record else "") + f" | eta {format_duration(eta)}")
         if "val_loss" in record:
             text += f" | val {record['val_loss']:.4f}"
             if "val_bpb" in record:

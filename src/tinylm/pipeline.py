@@ -21,9 +21,10 @@ import torch.distributed as dist
 from .config import Config, ConfigError, to_toml
 from .corpus import files_fingerprint
 from .data import PackedBatches
-from .io import hash_json, read_json, write_json, write_text
+from .files import hash_json, read_json, write_json, write_text
+from .layout import RunLayout, sft_data
 from .prepare import _fresh, prepare_data, say
-from .sft import SFTBatches, SFTRows, build_sft_shards, read_conversations
+from .conversations import SFTBatches, SFTRows, build_sft_shards, read_conversations
 from .shards import load_split
 from .tokenizer import Tokenizer
 from .train import Runtime, setup_runtime, train
@@ -92,7 +93,7 @@ def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runti
 
     init_checkpoint, out_dir = find_checkpoint(init_checkpoint), Path(out_dir)
     rt = rt or setup_runtime(cfg.stage_train("sft"))
-    data_dir = out_dir / "data"
+    data_dir = sft_data(out_dir)
     if rt.is_main:
         _set_aside_if_base_changed(out_dir, init_checkpoint)
         sft_data_stage(cfg, init_checkpoint, data_dir)
@@ -151,6 +152,7 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     Up-to-date stages are skipped; training stages resume from their newest checkpoint.
     """
     run_dir = Path(run_dir)
+    run_ = RunLayout(run_dir)
     runtime_fields = ("device", "dtype", "deterministic", "parallel")
     differ = [f for f in runtime_fields if cfg.sft.corpus and cfg.sft.train.get(f, getattr(cfg.train, f)) != getattr(cfg.train, f)]
     if differ:  # one process, one runtime: both stages run on what it was set up for
@@ -159,22 +161,22 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     rt = setup_runtime(cfg.train)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "config.toml", to_toml(cfg))
+        write_text(run_.config, to_toml(cfg))
         prepare_data(cfg, run_dir, progress=progress)
     if rt.distributed:
         dist.barrier()  # other ranks wait for the data
-    summary = pretrain(cfg, run_dir / "shards", run_dir / "pretrain", rt, run_dir / "tokenizer")
+    summary = pretrain(cfg, run_.shards, run_.pretrain, rt, run_.tokenizer)
     if summary["stopped_by"]:
         return summary  # preempted: the next `tinylm run` resumes here
     if rt.is_main:
-        print_samples(summary["checkpoint"], cfg, run_dir / "samples.json")
+        print_samples(summary["checkpoint"], cfg, run_.samples)
         evaluate_stage(summary["checkpoint"], cfg)
     if cfg.sft.corpus:
-        summary = sft(cfg, summary["checkpoint"], run_dir / "sft", rt)
+        summary = sft(cfg, summary["checkpoint"], run_.sft, rt)
         if summary["stopped_by"]:
             return summary
         if rt.is_main:
-            demo_exchange(summary["checkpoint"], cfg, run_dir / "demo_chat.json")
+            demo_exchange(summary["checkpoint"], cfg, run_.demo_chat)
             evaluate_stage(summary["checkpoint"], cfg)
     if rt.is_main:
         if cfg.eval.enabled:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .config import Config, to_toml
 from .corpus import CorpusError, corpus_fingerprint, files_fingerprint, read_documents, split_documents
-from .io import hash_json, read_json, write_json, write_text
+from .files import hash_json, read_json, write_json, write_text
+from .layout import RunLayout
 from .shards import build_shards
 from .tokenizer import Tokenizer, bytes_per_token, train_tokenizer
 
@@ -146,11 +147,12 @@ def clean_stage(cfg: Config, out_dir: str | Path, force: bool = False, progress:
 
 def prepare_data(cfg: Config, run_dir: Path, progress: bool = True) -> Config:
     """Every data stage into run_dir; returns the config the training stages should use."""
+    run = RunLayout(run_dir)
     if has_sources(cfg):
-        raw_files = collect_stage(cfg, run_dir / "raw")
+        raw_files = collect_stage(cfg, run.raw)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=raw_files))
-        clean_stage(cfg, run_dir / "clean", progress=progress)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=[str(run_dir / "clean" / "clean.jsonl")]))
-    tokenizer_stage(cfg, run_dir / "tokenizer", progress=progress)
-    shards_stage(cfg, run_dir / "tokenizer", run_dir / "shards", progress=progress)
+        clean_stage(cfg, run.clean, progress=progress)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=[str(run.clean / "clean.jsonl")]))
+    tokenizer_stage(cfg, run.tokenizer, progress=progress)
+    shards_stage(cfg, run.tokenizer, run.shards, progress=progress)
     return cfg

@@ -23,10 +23,10 @@ from importlib import metadata
 from pathlib import Path
 
 from .checkpoint import latest_checkpoint
-from .io import read_json, write_text
+from .files import read_json, write_text
+from .layout import TRAINING_STAGES as STAGES, RunLayout
 from .logs import format_duration
 
-STAGES = ("pretrain", "sft")
 EXAMPLE_CHARS = 160
 
 
@@ -146,19 +146,20 @@ def plot_curves(records: list[dict], out_png: Path, title: str) -> None:
 
 # --- the sections ---------------------------------------------------------------------------------
 def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]:
+    run = RunLayout(run_dir)
     """Every section of the report, and a few headline facts for the summary."""
     sections: list[Section] = []
-    data_meta = {stage: _json(run_dir / stage / "meta.json") for stage in ("clean", "tokenizer", "shards")}
+    data_meta = {stage: _json(getattr(run, stage) / "meta.json") for stage in ("clean", "tokenizer", "shards")}
     head: dict = {"data_meta": data_meta}
 
     data = Section("Data")
-    manifest = _json(run_dir / "raw" / "manifest.json")
+    manifest = _json(run.raw / "manifest.json")
     if manifest:
         data.p("Collected sources (`raw/`):")
         data.table(["source", "file", "documents", "characters", "finished"],
                    [[name, e["file"], e["documents"], e["chars"], e.get("finished_at", "")]
                     for name, e in manifest["sources"].items() if name in manifest.get("plan", manifest["sources"])])
-    clean = _json(run_dir / "clean" / "report.json")
+    clean = _json(run.clean / "report.json")
     if clean:
         kept = clean["docs_out"] / max(1, clean["docs_in"])
         data.p(f"Cleaning (`clean/`): {clean['docs_in']:,} documents in ({clean['bytes_in']:,} bytes), "
@@ -190,7 +191,7 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
 
     evals, eval_rows = Section("Evaluation"), []
     for stage in STAGES:
-        stage_dir = run_dir / stage
+        stage_dir = getattr(run, stage)
         ckpt = latest_checkpoint(stage_dir)
         records = read_metrics(stage_dir)
         if ckpt is None and not records:
@@ -234,11 +235,11 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
         sections.append(evals)
 
     talk = Section("Samples")
-    samples = _json(run_dir / "samples.json")
+    samples = _json(run.samples)
     if samples:
         talk.p("Continuations by the pretrained model:")
         talk.table(["prompt", "completion"], [[s["prompt"], _short(s["completion"], 400)] for s in samples["samples"]])
-    chat = _json(run_dir / "demo_chat.json")
+    chat = _json(run.demo_chat)
     if chat:
         talk.p("A chat with the fine-tuned model:")
         talk.table(["role", "message"], [[m["role"], _short(m["content"], 400)] for m in chat["messages"]])
@@ -246,9 +247,9 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
         sections.append(talk)
 
     setup = Section("Configuration and versions")
-    if (run_dir / "config.toml").is_file():
+    if run.config.is_file():
         setup.p("The resolved configuration (`config.toml`):")
-        setup.pre((run_dir / "config.toml").read_text(encoding="utf-8"))
+        setup.pre(run.config.read_text(encoding="utf-8"))
     setup.table(["component", "version"], versions())
     sections.append(setup)
     return sections, head
@@ -341,13 +342,14 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    image_dir = run_dir / "report"
+    run = RunLayout(run_dir)
+    image_dir = run.report_images
     sections, head = build_sections(run_dir, image_dir)
     if not any(stage in head for stage in STAGES) and len(sections) <= 1:
         raise ValueError(f"{run_dir}: nothing to report (no stage outputs: raw/, clean/, shards/, pretrain/, sft/)")
     sections.insert(0, _summary(run_dir, head))
     title = f"tinylm run report: {run_dir.resolve().name}"
-    html_path, md_path = run_dir / "report.html", run_dir / "report.md"
+    html_path, md_path = run.report_html, run.report_md
     write_text(html_path, render_html(title, sections, image_dir))
     write_text(md_path, render_markdown(title, sections, "report/"))
     return html_path, md_path

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .config import DataConfig
 from .corpus import Document
-from .io import atomic_dir, read_json, write_json
+from .files import atomic_dir, read_json, write_json
 from .tokenizer import Tokenizer
 
 SPLITS = ("train", "val")

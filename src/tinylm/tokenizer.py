@@ -21,7 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from .config import TokenizerConfig
-from .io import atomic_dir, write_json
+from .files import atomic_dir, write_json
 
 PAD, UNK, BOS, EOS = "<|pad|>", "<|unk|>", "<|bos|>", "<|eos|>"
 END = "<|end|>"  # end of a chat turn

@@ -25,10 +25,11 @@ from tqdm import tqdm
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_trainer_state, remove_partial,
                          save_checkpoint)
 from .config import Config, TrainConfig, to_toml
-from .io import write_text
+from .files import write_text
 from .logs import MetricsLog, Tracker, format_duration
 from .model import Transformer
 from .parallel import full_state, is_sharded, load_full_state, local_value, shard, sync_gradients, wrap
+from .device import peak_flops, pick_device, pick_dtype
 from .tokenizer import Tokenizer
 
 
@@ -56,38 +57,6 @@ class Runtime:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if name != "auto":
-        if name not in named:
-            raise ValueError(f"train.dtype must be auto, bf16, fp16 or fp32, not {name!r}")
-        return named[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    return torch.float32
 
 
 def setup_runtime(tc: TrainConfig) -> Runtime:
@@ -218,13 +187,15 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
         progress = _restore(resume_from, model, optimizer, scaler, train_batches, rt, tc, tokenizer_dir)
     wrapped = wrap(model, rt, tc)
 
-    tokens_per_step = train_batches.windows_per_step * train_batches.seq_len * tc.grad_accum
+    tokens_per_step = train_batches.windows_per_step * train_batches.seq_len * tc.grad_accum  # at most (SFT pads less)
     total_steps = horizon(tc, tokens_per_step, max(1, train_batches.steps_per_epoch // tc.grad_accum))
+    flops_per_token = model.flops_per_token(train_batches.seq_len)  # attention counted at the full window
+    peak = peak_flops(rt.device, rt.dtype) if rt.is_main else None
     log = MetricsLog(out_dir, enabled=rt.is_main)
     tracker = Tracker(tc, out_dir, cfg.to_dict()) if rt.is_main else None
     if rt.is_main:
         write_text(out_dir / "config.toml", to_toml(cfg))
-        log.line(_preflight(model, rt, tokens_per_step, total_steps, tc, resume_from, stage))
+        log.line(_preflight(model, rt, tokens_per_step, total_steps, tc, resume_from, stage, peak))
 
     def save() -> None:
         weights, optim_state = full_state(model, optimizer, rt, tc)  # collective under FSDP
@@ -263,26 +234,29 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
             lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_value, grad_norm = step(train_batches)
+            loss_value, grad_norm, tokens = step(train_batches)  # tokens: real ones, padding not counted
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 _skip_nonfinite(progress, log, loss_value)
                 continue
             progress.nonfinite_in_row = 0
             progress.step += 1
             steps_run += 1
-            progress.tokens += tokens_per_step
+            progress.tokens += tokens
             dt = stop.agree(rt, time.perf_counter() - t0)  # ranks agree on the step time and on stopping
             progress.elapsed += dt
 
             record = {"step": progress.step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                      "tok_per_s": round(tokens_per_step / dt), "tokens": progress.tokens,
+                      "tok_per_s": round(tokens / dt), "tokens": progress.tokens,
+                      "tflops": round(tokens * flops_per_token / dt / 1e12, 4),
                       "epoch": round(train_batches.progress, 4), "elapsed": round(progress.elapsed, 2)}
+            if peak:
+                record["mfu"] = round(record["tflops"] * 1e12 / peak[0], 4)
             finished = fraction_done(progress, tc, total_steps) >= 1.0
             if (tc.eval_every and progress.step % tc.eval_every == 0) or finished:
                 record.update(run_eval())
             if rt.is_main:
                 if steps_run == PACE_AFTER:
-                    log.line(_pace(progress, tc, total_steps, tokens_per_step, dt))
+                    log.line(_pace(progress, tc, total_steps, tokens, dt))
                 bar.update(1)
                 remaining = _eta(progress, tc, total_steps)
                 show = progress.step % tc.log_every == 0 or finished or "val_loss" in record or progress.step == 1
@@ -367,12 +341,15 @@ class Stepper:
         self.pieces = 1
         self.say = say
 
-    def __call__(self, batches) -> tuple[float, float]:
-        """Returns (mean loss, gradient norm); a non-finite one skips the update."""
+    def __call__(self, batches) -> tuple[float, float, int]:
+        """Returns (mean loss, gradient norm, input tokens of all ranks that are not padding); a
+        non-finite loss or norm skips the update. Padding is `batches.pad_id` where the loader has one."""
         micro_batches = [batches.next_batch() for _ in range(self.tc.grad_accum)]
+        pad_id = getattr(batches, "pad_id", None)
+        tokens = sum(int(x.numel() if pad_id is None else (x != pad_id).sum()) for x, _ in micro_batches)
         while True:
             try:
-                return self._step(micro_batches)
+                return self._step(micro_batches, tokens)
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
                 rows = micro_batches[0][0].shape[0]
@@ -384,16 +361,16 @@ class Stepper:
                 self.say(f"out of memory: running each micro-batch of {rows} sequences in {self.pieces} pieces "
                          f"of {math.ceil(rows / self.pieces)} (set train.batch_size lower to skip this)")
 
-    def _step(self, micro_batches) -> tuple[float, float]:
+    def _step(self, micro_batches, tokens: int) -> tuple[float, float, int]:
         rt, tc = self.rt, self.tc
         pieces = [(x, y) for xb, yb in micro_batches
                   for x, y in zip(torch.tensor_split(xb, self.pieces), torch.tensor_split(yb, self.pieces)) if len(x)]
         counts = [int((y != -100).sum()) for _, y in pieces]
         total = float(sum(counts))
         if rt.distributed:
-            global_count = torch.tensor(total, device=rt.device, dtype=torch.float64)
+            global_count = torch.tensor([total, tokens], device=rt.device, dtype=torch.float64)
             dist.all_reduce(global_count)
-            total = global_count.item()
+            total, tokens = global_count[0].item(), int(global_count[1].item())
         loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
         for i, ((x, y), count) in enumerate(zip(pieces, counts)):
             x, y = rt.to_device(x), rt.to_device(y)
@@ -413,7 +390,7 @@ class Stepper:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value
+        return loss_value, norm_value, tokens
 
 
 def _plain_model(cfg: Config, weights: dict) -> Transformer:
@@ -477,7 +454,7 @@ def estimate_memory(model: Transformer, tc: TrainConfig, rt: Runtime) -> tuple[f
 
 
 def _preflight(model: Transformer, rt: Runtime, tokens_per_step: int, total_steps, tc: TrainConfig,
-               resume_from, stage: str) -> str:
+               resume_from, stage: str, peak: tuple[float, str] | None = None) -> str:
     n = model.num_params()
     limit = f"{total_steps} steps" if total_steps else ""
     if tc.max_time:
@@ -487,7 +464,8 @@ def _preflight(model: Transformer, rt: Runtime, tokens_per_step: int, total_step
     return (f"{stage}: {n:,} parameters ({model.num_params(embeddings=False):,} without embeddings) | "
             f"{rt.device} {str(rt.dtype).replace('torch.', '')} x{rt.world}{f' {tc.parallel} ({dist.get_backend()})' if rt.distributed else ''} | {tokens_per_step:,} tokens/step | "
             f"{limit} | memory ~{states / 2**20:,.0f} MiB weights+optimizer + ~{activations / 2**20:,.0f} MiB "
-            f"activations per micro-batch | {where}")
+            f"activations per micro-batch | {where}"
+            + (f" | MFU against {peak[0] / 1e12:,.2f} TFLOP/s ({peak[1]})" if peak else ""))
 
 
 PACE_AFTER = 3  # steps: the first ones include compilation and warm-up

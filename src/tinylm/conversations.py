@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus import BUILTIN, CorpusError, _lines, builtin_conversations, corpus_files, is_validation
+from .corpus import BUILTIN, CorpusError, builtin_conversations, corpus_files, is_validation, jsonl_records
 from .data import EpochBatches
-from .io import atomic_dir, read_json, write_json
+from .files import atomic_dir, read_json, write_json
 from .shards import token_dtype
 from .tokenizer import ROLES, Tokenizer
 
@@ -54,14 +54,8 @@ def validate_messages(messages, where: str) -> list[dict]:
 
 
 def read_conversation_file(path: Path) -> Iterator[Conversation]:
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
+    for lineno, record in jsonl_records(path):
         where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
             raise CorpusError(f"{where}: expected an object with 'conversations' or 'messages'")
         key = "conversations" if "conversations" in record else "messages" if "messages" in record else None
