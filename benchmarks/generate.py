@@ -14,7 +14,7 @@ and checks that tinylm and transformers produced the same tokens. Also the floor
 token: one pass of a single row through every weight matrix (a decode step must read all the
 weights once), which on a CPU without much memory bandwidth is most of the step and bounds the
 ratio to recomputation; once in `nn.Linear`'s layout and once in the packed layout tinylm decodes
-with (model.PackedWeights).
+with (decoding.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch
 from tinylm.config import SampleConfig, load_config
 from tinylm.export import to_transformers
 from tinylm.generate import generate_ids
-from tinylm.model import Transformer, packed_matmul
+from tinylm.decoding import packed_matmul, packed_weights
+from tinylm.model import Transformer
 
 PROMPT, NEW = 32, 200
 GREEDY = SampleConfig(temperature=0.0, repetition_penalty=1.0, top_k=0, top_p=1.0)
@@ -120,7 +121,7 @@ def main() -> None:
         model = Transformer(cfg.model).eval()
         hf = to_transformers(model)
         linear, size = weight_pass([m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)], False)
-        packed = model.packed_weights()
+        packed = packed_weights(model)
         fused, _ = weight_pass([w for layer in packed.layers for w in (layer.qkv, layer.wo, layer.w13, layer.w2)]
                                + [packed.output], True)
         print(f"{preset:<9} floor of a batch-1 token: one row through {size / 1e6:.1f} MB of weights takes "

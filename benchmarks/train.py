@@ -31,7 +31,7 @@ from tinylm.config import load_config
 from tinylm.model import Transformer
 from tinylm.parallel import wrap
 from tinylm.device import pick_dtype
-from tinylm.train import Stepper, build_optimizer, setup_runtime
+from tinylm.train import Stepper, attention_kernel, build_optimizer, setup_runtime
 
 
 # --- the naive reference ---------------------------------------------------------------------------
@@ -156,7 +156,8 @@ def bench_preset(preset: str, steps: int, warmup: int, device: str = "cpu", over
     model = Transformer(mc).to(rt.device)
     flops = model.flops_per_token() * tokens
     optimizer = build_optimizer(model, tc, rt.device)
-    wrapped = wrap(model, rt, tc)  # as training does: compiled if the preset says so
+    model.attention = attention_kernel(tc, rt.device)  # as training does
+    wrapped = wrap(model, rt, tc)  # compiled if the preset says so
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     step = Stepper(wrapped, model, optimizer, scaler, rt, tc)
     ours_warm, ours = time_steps(lambda: step(batches), steps, warmup, sync)

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from tinylm.attention import CHUNK, applies, chunked_causal_attention
 from tinylm.config import ModelConfig
 from tinylm.model import Transformer
-from tinylm.parallel import wrap
 from test_model import explicit_attention
 
 
@@ -46,32 +45,40 @@ def test_chunked_attention_in_bf16_is_as_accurate_as_sdpa():
         assert ours_error < 1.5 * sdpa_error + 1e-3, (name, float(ours_error), float(sdpa_error))
 
 
-def test_the_model_with_chunked_attention_trains_like_the_model_with_sdpa():
+def test_the_model_with_chunked_attention_trains_like_the_model_with_sdpa(monkeypatch):
+    import tinylm.model
+
+    calls = []
+    monkeypatch.setattr(tinylm.model, "chunked_causal_attention", lambda *a: calls.append(1) or chunked_causal_attention(*a))
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=2 * CHUNK, vocab_size=101)
     torch.manual_seed(0)
     model = Transformer(cfg)
     idx, targets = torch.randint(0, 101, (2, 2 * CHUNK)), torch.randint(0, 101, (2, 2 * CHUNK))
     results = {}
-    for chunked in (False, True):
-        for layer in model.layers:
-            layer.attn.chunked = chunked
+    for kernel in ("sdpa", "chunked"):
+        model.attention = kernel
         model.zero_grad()
         _, loss = model(idx, targets)
         loss.backward()
-        results[chunked] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
-    for a, b in zip(results[False], results[True]):
+        results[kernel] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    assert len(calls) == 2  # the chunked kernel ran in both layers, and only when asked
+    for a, b in zip(results["sdpa"], results["chunked"]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     assert not applies(idx.float(), CHUNK) and applies(idx.float(), 2 * CHUNK)
     with torch.no_grad():
         assert not applies(idx.float(), 2 * CHUNK)  # evaluation keeps SDPA's forward
 
 
-def test_only_a_step_compiled_on_a_cpu_takes_the_chunked_attention():
-    from types import SimpleNamespace
+def test_the_attention_kernel_is_one_setting_resolved_in_one_place():
+    from tinylm.config import ConfigError, load_config
+    from tinylm.train import attention_kernel
 
-    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=2 * CHUNK, vocab_size=50)
-    rt = SimpleNamespace(device=torch.device("cpu"), world=1, distributed=False)
-    for compile_ in (False, True):
-        model = Transformer(cfg)
-        wrap(model, rt, SimpleNamespace(compile=compile_, parallel="ddp"))
-        assert [layer.attn.chunked for layer in model.layers] == [compile_] * 2
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for compile_, expected in ((False, "sdpa"), (True, "chunked")):  # auto: chunked for a step compiled on a CPU
+        assert attention_kernel(load_config("tiny", {"train.compile": compile_}).train, cpu) == expected
+    assert attention_kernel(load_config("tiny", {"train.compile": True}).train, cuda) == "sdpa"
+    assert attention_kernel(load_config("tiny", {"train.attention": "sdpa", "train.compile": True}).train, cpu) == "sdpa"
+    with pytest.raises(ConfigError, match="CPU kernel"):
+        attention_kernel(load_config("tiny", {"train.attention": "chunked"}).train, cuda)
+    with pytest.raises(ConfigError, match="train.attention must be"):
+        load_config("tiny", {"train.attention": "flash"})

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tinylm.config import ModelConfig
-from tinylm.model import Transformer, apply_rope, pack_matrix, packed_matmul
+from tinylm.model import Transformer, apply_rope
 
 
 def tiny_model(**kw) -> Transformer:
@@ -33,59 +33,30 @@ def test_causality_future_tokens_do_not_change_the_past():
     assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
 
 
-@pytest.fixture
-def threads(request):
-    """Run the test with `request.param` intra-op threads (the packed layout cuts matrices per thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 5)], ids=["one-row", "batch"])
-def test_packed_matmul_matches_the_linear_layer(threads, shape):
-    w = torch.randn(96, 40)  # (out, in): 96 outputs split into 1, 2 or 3 blocks
-    for weight, parts in ((w, threads), (w[:40], min(threads, 2)), (w[:7], 1)):  # 40 into 2 at most, 7 not at all
-        packed = pack_matrix(weight, threads)
-        assert packed.shape == (parts, weight.size(1), weight.size(0) // parts)
-        x = torch.randn(*shape, weight.size(1))
-        assert torch.allclose(packed_matmul(x, packed), F.linear(x, weight), atol=1e-5)
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
-@pytest.mark.parametrize("packed", [True, False], ids=["packed-weights", "module-weights"])
-def test_kv_cache_matches_full_recompute(packed, threads):
+def test_kv_cache_matches_full_recompute():
+    """The model's own forward with a cache (the path a GPU decodes with): prefill, a chunk after
+    the cached prefix, then one token at a time; and at batch 1."""
     model = tiny_model()
     idx = torch.randint(0, 101, (2, 24))
     full, _ = model(idx)
     cache = model.new_cache(batch_size=2)
-    assert cache.packed is not None  # on a CPU, decoding uses the packed layout
-    assert cache.packed.layers[0].w13.size(0) == threads  # one column block per thread
-    if not packed:
-        cache.packed = None  # the path a GPU takes: the modules' own weights
     pieces = [model(idx[:, :10], cache=cache)[0]]  # prefill
     pieces.append(model(idx[:, 10:15], cache=cache)[0])  # a chunk after a cached prefix
     pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(15, 24)]  # one token at a time
     assert cache.pos == 24
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
-    one = model.new_cache(batch_size=1)  # batch 1 takes the path where the products need no copy
-    if not packed:
-        one.packed = None
+    one = model.new_cache(batch_size=1)
     rows = torch.cat([model(idx[:1, t:t + 1], cache=one)[0] for t in range(24)], dim=1)
     assert torch.allclose(rows, full[:1], atol=1e-5)
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed-weights", "module-weights"])
-def test_static_cache_decoding_matches_full_recompute(packed):
+def test_static_cache_decoding_matches_full_recompute():
     """The fixed-shape decoding step a CUDA graph replays (positions on the device, the whole buffer
     read under a mask) computes what recomputation does; checked here on the CPU, on CUDA in test_cuda."""
     model = tiny_model()
     idx = torch.randint(0, 101, (2, 20))
     full, _ = model(idx)
     cache = model.new_cache(batch_size=2, max_len=24)  # longer than what is decoded: unwritten slots stay masked
-    if not packed:
-        cache.packed = None
     pieces = [model(idx[:, :8], cache=cache)[0]]  # prefill, dynamic
     cache.make_static()
     pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 20)]
@@ -95,36 +66,14 @@ def test_static_cache_decoding_matches_full_recompute(packed):
         model(idx[:, :2], cache=cache)
 
 
-def test_packed_weights_are_rebuilt_when_the_parameters_change():
-    model = tiny_model()
-    packed = model.packed_weights()
-    assert model.packed_weights() is packed  # kept while nothing changes
-    idx = torch.randint(0, 101, (1, 12))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    model(idx, targets=idx)[1].backward()
-    opt.step()  # in-place updates, as training does between two samples
-    stepped = model.packed_weights()
-    assert stepped is not packed
-    with torch.no_grad():
-        model.layers[1].ffn.w2.weight.mul_(3)  # one in-place change is enough
-    scaled = model.packed_weights()
-    assert scaled is not stepped
-    w2 = model.layers[1].ffn.w2.weight
-    assert torch.equal(packed_matmul(torch.eye(w2.size(1)), scaled.layers[1].w2), w2.t())
-    torch.set_num_threads(torch.get_num_threads() + 1)  # a new thread count cuts the matrices anew
-    try:
-        assert model.packed_weights() is not scaled
-    finally:
-        torch.set_num_threads(torch.get_num_threads() - 1)
-    scaled = model.packed_weights()
-    model.load_state_dict(tiny_model().state_dict())  # loading weights copies into the parameters
-    with torch.inference_mode():
-        loaded = model.packed_weights()  # rebuilt inside inference mode, as generate_ids does it ...
-    assert loaded is not scaled
-    full, _ = model(idx)
-    cache = model.new_cache(batch_size=1)
-    assert cache.packed is loaded and not loaded.output.is_inference()  # ... and still usable outside it
-    assert torch.allclose(torch.cat([model(idx[:, t:t + 1], cache=cache)[0] for t in range(12)], 1), full, atol=1e-5)
+def test_the_forward_has_no_decoding_layout_in_it():
+    """The model file reads like the architecture: the CPU decoding layout lives in decoding.py."""
+    import inspect
+
+    import tinylm.model as m
+
+    source = inspect.getsource(m)
+    assert "packed" not in source.lower() and "bmm" not in source
 
 
 def explicit_attention(q, k, v):

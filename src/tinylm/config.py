@@ -140,6 +140,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"  # "auto" (bf16 where supported, fp16+scaler on old GPUs), "bf16", "fp16", "fp32"
     compile: bool = False  # torch.compile the model
+    attention: str = "auto"  # training's attention kernel: "sdpa" (PyTorch's fused kernels), "chunked" (attention.py, CPU; for sequences of 256+ tokens in multiples of 128, else SDPA), "auto" (chunked where a compiled step runs on a CPU)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable GPU runs and resumes, a little slower (CPU runs are repeatable anyway)
     parallel: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (FSDP2: weights, gradients and optimizer sharded)
     batch_size: int = 16  # sequences per micro-batch (per rank)
@@ -224,6 +225,8 @@ class Config:
         self.model.validate()
         if self.tokenizer.kind not in ("bpe", "sentencepiece"):
             raise ConfigError(f"tokenizer.kind must be 'bpe' or 'sentencepiece', not {self.tokenizer.kind!r}")
+        if self.train.attention not in ("auto", "sdpa", "chunked"):
+            raise ConfigError(f"train.attention must be 'auto', 'sdpa' or 'chunked', not {self.train.attention!r}")
         if self.train.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', not {self.train.parallel!r}")
         for name, value in (("data.val_fraction", self.data.val_fraction), ("sft.val_fraction", self.sft.val_fraction)):

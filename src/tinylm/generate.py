@@ -3,9 +3,11 @@
 The prompt is prefilled in one forward pass; each new token then costs one single-position pass
 over the cache. Sampling: repetition penalty, temperature (0 = greedy), top-k, top-p.
 
-On a GPU a single-position pass launches a few hundred small kernels, and launching them from Python
-takes longer than running them; so there the pass is captured once per generation as a CUDA graph
-(`GraphedDecodeStep`) and replayed for every token, one launch per step.
+How a pass runs depends on the device (`forward_step`): on a CPU over the packed matrices of
+decoding.py (one row's product is bound by reading the weights); on a GPU, where a single-position
+pass launches a few hundred small kernels and launching them from Python takes longer than running
+them, it is captured once per generation as a CUDA graph (`GraphedDecodeStep`) and replayed for
+every token, one launch per step.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .config import SampleConfig
-from .model import Transformer
+from .decoding import packed_forward, packed_weights
+from .model import KVCache, Transformer
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -61,6 +64,15 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator | None:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+def forward_step(model: Transformer, cache: KVCache):
+    """ids (B, T) -> logits (B, T, V) after the cached positions: over the packed matrices on a CPU,
+    the model's own forward elsewhere."""
+    packed = packed_weights(model)
+    if packed is not None:
+        return lambda ids: packed_forward(model, packed, ids, cache)
+    return lambda ids: model(ids, cache=cache)[0]
 
 
 class GraphedDecodeStep:
@@ -124,11 +136,9 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]] | torch.Te
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    logits, _ = model(idx, cache=cache)  # prefill: (B, T, V)
-    if cuda_graph and device.type == "cuda" and budget > 1:
-        step = GraphedDecodeStep(model, cache, B)
-    else:
-        step = lambda ids: model(ids, cache=cache)[0]  # noqa: E731
+    forward = forward_step(model, cache)
+    logits = forward(idx)  # prefill: (B, T, V)
+    step = GraphedDecodeStep(model, cache, B) if cuda_graph and device.type == "cuda" and budget > 1 else forward
     for _ in range(budget):
         nxt = sample_next(logits[:, -1], seen, sc, generator)
         if len(stops):

@@ -37,14 +37,7 @@ def shard(model: torch.nn.Module, rt) -> None:
 
 
 def wrap(model: torch.nn.Module, rt, tc) -> torch.nn.Module:
-    """The module the training step calls: compiled if asked, inside DDP when there are ranks to sync.
-
-    A step compiled on a CPU takes the hand-written chunked attention (attention.py): measured at
-    1.2-2.4x PyTorch's CPU flash attention forward + backward under compile; eager, it is not faster.
-    """
-    if tc.compile and rt.device.type == "cpu":
-        for layer in model.layers:
-            layer.attn.chunked = True
+    """The module the training step calls: compiled if asked, inside DDP when there are ranks to sync."""
     compiled = torch.compile(model) if tc.compile else model
     if rt.distributed and not is_sharded(rt, tc):
         return DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
