@@ -151,7 +151,7 @@ def cmd_run(args, overrides) -> int:
     # rerunning a run directory without --config continues with the config it was made with
     saved = out / "config.toml"
     cfg = load_config(args.config or (str(saved) if saved.is_file() else "cpu-demo"), overrides)
-    return _exit_code(run(cfg, out))
+    return _leave_process_group(_exit_code(run(cfg, out)))  # under torchrun, as pretrain and sft do
 
 
 def _leave_process_group(code: int) -> int:
