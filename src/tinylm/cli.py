@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import Config, ConfigError, EvalConfig, help_text, load_config, preset_names, to_toml
 
 VERBS = {
-    "run": "tokenizer -> shards -> pretrain -> SFT -> samples, a demo chat, evaluation and the report (default: the built-in corpus)",
+    "run": "tokenizer -> shards -> pretrain -> samples -> SFT -> demo chat -> evaluation -> report (default: the built-in corpus)",
     "collect": "gather text from files, Hugging Face datasets, Wikipedia topics and web pages into DIR",
     "clean": "normalise, filter and deduplicate data.corpus into DIR/clean.jsonl with a report",
     "tokenizer": "train a tokenizer on data.corpus",

@@ -397,7 +397,7 @@ def help_text(sections=None) -> str:
             continue
         comments = {}
         for line in inspect.getsource(cls).splitlines():
-            match = re.match(r"\s+(\w+): [^=]+=.*#\s*(.+)$", line)
+            match = re.match(r"\s+(\w+): [^=]+=.*?\s#\s(.+)$", line)  # the first " # " starts the help
             if match:
                 comments[match[1]] = match[2]
         default = cls()
