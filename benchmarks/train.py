@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tinylm.config import load_config
 from tinylm.model import Transformer
 from tinylm.parallel import wrap
-from tinylm.device import pick_dtype
+from tinylm.device import measure_cpu_peak, pick_dtype
 from tinylm.train import Stepper, attention_kernel, build_optimizer, setup_runtime
 
 
@@ -93,24 +93,9 @@ class NaiveModel(nn.Module):
 
 # --- measurements ----------------------------------------------------------------------------------
 def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
-    """Best FLOP/s of large square matrix products in this dtype.
-
-    A CPU without bf16 instructions emulates bf16 products hundreds of times slower than fp32: a
-    size whose single product takes longer than the budget ends the search there.
-    """
-    best = 0.0
-    for n in (1024, 2048, 4096):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        start = time.perf_counter()
-        a @ b
-        if time.perf_counter() - start > seconds / 3:
-            return max(best, 2 * n**3 / (time.perf_counter() - start))
-        reps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
-            a @ b
-            reps += 1
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
-    return best
+    """Best FLOP/s of large square matrix products in this dtype (1024-4096 rows, seconds / 3 each;
+    a CPU that emulates the dtype stops at the first size too slow for its share)."""
+    return measure_cpu_peak(dtype, seconds, sizes=(1024, 2048, 4096))
 
 
 def time_steps(step, steps: int, warmup: int, sync=lambda: None) -> tuple[float, float]:

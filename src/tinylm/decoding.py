@@ -96,8 +96,6 @@ def packed_forward(model: Transformer, packed: PackedWeights, idx: torch.Tensor,
     """Logits (B, T, V) of idx (B, T) after the cached positions, as `model(idx, cache=cache)[0]`
     computes them in eval mode, with the matrices read from `packed`; advances the cache by T."""
     B, T = idx.shape
-    if cache.pos + T > model.cfg.max_seq_len:
-        raise ValueError(f"sequence of {cache.pos + T} tokens exceeds model.max_seq_len={model.cfg.max_seq_len}")
     cos, sin, attn_mask = cache.rope_and_mask(T, model.rope_cos, model.rope_sin)
     x = model.tok_embeddings(idx)  # (B, T, dim)
     for i, (block, w) in enumerate(zip(model.layers, packed.layers)):

@@ -77,20 +77,19 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str] | 
 
 
 @torch.no_grad()
-def measure_cpu_peak(dtype: torch.dtype, seconds: float = 0.25) -> float:
-    """Best FLOP/s of square products of 256, 512 and 1024 rows, seconds / 3 each.
+def measure_cpu_peak(dtype: torch.dtype, seconds: float = 0.25, sizes: tuple[int, ...] = (256, 512, 1024)) -> float:
+    """Best FLOP/s of square products of each size in `sizes`, seconds / len(sizes) each.
 
     A dtype the CPU emulates (bf16 without AVX512-BF16 or AMX: ~150x slower than fp32) stops at the
-    first size whose product takes longer than its share of the time."""
-    best, n = 0.0, 256
-    while n <= 1024:
+    first size whose single product takes longer than its share of the time."""
+    best = 0.0
+    for n in sizes:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         start, reps = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds / 3:
+        while time.perf_counter() - start < seconds / len(sizes):
             a @ b
             reps += 1
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
         if reps < 2:
             break
-        n *= 2
     return best

@@ -266,26 +266,25 @@ def evaluate_checkpoint(checkpoint: str | Path, texts: Sequence[str] = (), blimp
     from .corpus import read_documents
     from .files import read_json, write_json
     from .device import pick_device
-    from .layout import RunLayout, stage_dir
-    from .layout import sft_data as layout_sft_data
+    from .layout import RunLayout, sft_data, stage_dir
 
     ckpt = find_checkpoint(checkpoint)
     model, tok, meta = load_checkpoint(ckpt, pick_device(device))
     model.eval()
     results: dict = {}
-    sft_data = None
+    held_out_chats = None
     if defaults or (defaults is None and not (texts or blimp or choice or shards or chat)):
         run, stage = RunLayout.of_checkpoint(ckpt), stage_dir(ckpt)
         if run is not None and (run.shards / "meta.json").is_file():
             shards = str(run.shards)
-        if meta["trainer"].get("stage") == "sft" and stage is not None and (layout_sft_data(stage) / "meta.json").is_file():
-            sft_data = layout_sft_data(stage)
-        if shards is None and sft_data is None and not defaults:
+        if meta["trainer"].get("stage") == "sft" and stage is not None and (sft_data(stage) / "meta.json").is_file():
+            held_out_chats = sft_data(stage)
+        if shards is None and held_out_chats is None and not defaults:
             raise ValueError(f"nothing to evaluate: give --text, --blimp, --choice or --chat files (no shards beside {ckpt})")
     if shards:
         results["validation_shards"] = shards_bits_per_byte(model, shards, max_windows=max_items)
-    if sft_data:
-        results["chat:held-out"] = chat_loss(model, _sft_val_rows(sft_data, max_items), "conversation pieces")
+    if held_out_chats:
+        results["chat:held-out"] = chat_loss(model, _sft_val_rows(held_out_chats, max_items), "conversation pieces")
     for path in chat:
         results[f"chat:{Path(path).name}"] = chat_loss(model, _conversation_rows(tok, [path], max_items))
     for path in texts:

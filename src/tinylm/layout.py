@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TRAINING_STAGES = ("pretrain", "sft")  # in the order they run
+FILES = {"config": "config.toml", "samples": "samples.json", "demo_chat": "demo_chat.json",
+         "report_html": "report.html", "report_md": "report.md", "report_images": "report"}
 
 
 @dataclass(frozen=True)
@@ -22,39 +24,17 @@ class RunLayout:
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
 
-    def __getattr__(self, stage: str) -> Path:
-        """RUN/<stage> for every stage folder: raw, clean, tokenizer, shards, pretrain, sft."""
-        if stage in ("raw", "clean", "tokenizer", "shards", *TRAINING_STAGES):
-            return self.root / stage
-        raise AttributeError(stage)
+    def __getattr__(self, name: str) -> Path:
+        """RUN/<name> for every stage folder (raw, clean, tokenizer, shards, pretrain, sft) and file of `FILES`."""
+        if name in ("raw", "clean", "tokenizer", "shards", *TRAINING_STAGES):
+            return self.root / name
+        if name in FILES:
+            return self.root / FILES[name]
+        raise AttributeError(name)
 
     @property
     def sft_data(self) -> Path:
         return sft_data(self.root / "sft")
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.toml"
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples.json"
-
-    @property
-    def demo_chat(self) -> Path:
-        return self.root / "demo_chat.json"
-
-    @property
-    def report_html(self) -> Path:
-        return self.root / "report.html"
-
-    @property
-    def report_md(self) -> Path:
-        return self.root / "report.md"
-
-    @property
-    def report_images(self) -> Path:
-        return self.root / "report"
 
     @classmethod
     def of_checkpoint(cls, ckpt: Path) -> "RunLayout | None":

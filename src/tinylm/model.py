@@ -68,6 +68,8 @@ class KVCache:
     def rope_and_mask(self, T: int, cos: torch.Tensor, sin: torch.Tensor):
         """The rotary tables (T, D) of the next T positions, and the attention mask of T new queries
         against the cache (None where `is_causal` or no mask is right)."""
+        if self.pos + T > len(cos):  # the tables are model.max_seq_len long
+            raise ValueError(f"sequence of {self.pos + T} tokens exceeds model.max_seq_len={len(cos)}")
         if self.positions is not None:  # one token at a device-side position: no shape depends on it
             if T != 1:
                 raise ValueError(f"a static KV cache takes one token per sequence per step, not {T}")
@@ -212,10 +214,9 @@ class Transformer(nn.Module):
         cache: decode with a KV cache; positions start at `cache.pos`, which advances by T.
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         if cache is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
             cos, sin, attn_mask = self.rope_cos[:T], self.rope_sin[:T], None
         else:
             cos, sin, attn_mask = cache.rope_and_mask(T, self.rope_cos, self.rope_sin)
