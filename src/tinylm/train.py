@@ -259,10 +259,10 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
 
             record = {"step": progress.step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                       "tok_per_s": round(tokens / dt), "tokens": progress.tokens,
-                      "tflops": round(tokens * flops_per_token / dt / 1e12, 4),
+                      "tflops": _figures(tokens * flops_per_token / dt / 1e12),
                       "epoch": round(train_batches.progress, 4), "elapsed": round(progress.elapsed, 2)}
             if peak:
-                record["mfu"] = round(record["tflops"] * 1e12 / peak[0], 4)
+                record["mfu"] = _figures(record["tflops"] * 1e12 / peak[0])
             finished = fraction_done(progress, tc, total_steps) >= 1.0
             if (tc.eval_every and progress.step % tc.eval_every == 0) or finished:
                 record.update(run_eval())
@@ -432,6 +432,12 @@ def _restore(ckpt: Path, model, optimizer, scaler, train_batches, rt: Runtime, t
     train_batches.load_state_dict(trainer.pop("data"))
     fields = Progress.__dataclass_fields__
     return Progress(**{k: v for k, v in trainer.items() if k in fields})
+
+
+def _figures(x: float, digits: int = 4) -> float:
+    """x to `digits` significant figures: a tiny model's 0.0019 TFLOP/s keeps its precision, which
+    rounding to decimal places would not."""
+    return float(f"{x:.{digits}g}")
 
 
 MAX_NONFINITE_IN_ROW = 5
