@@ -73,16 +73,16 @@ def test_an_interrupted_output_is_never_half_there(tmp_path):
     from tinylm.files import atomic_dir
 
     target = tmp_path / "tokenizer"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "tokenizer") as tmp:
         (tmp / "a.json").write_text("complete")
     with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target, "tokenizer") as tmp:
             (tmp / "a.json").write_text("half")
             raise RuntimeError("killed mid-write")
     assert (target / "a.json").read_text() == "complete" and not (tmp_path / "tokenizer.tmp").exists()
     # a kill between "move the old aside" and "move the new in" leaves only the old: it is restored
     os.replace(target, tmp_path / "tokenizer.old")
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "tokenizer") as tmp:
         assert (target / "a.json").read_text() == "complete"
         (tmp / "a.json").write_text("new")
     assert (target / "a.json").read_text() == "new" and not (tmp_path / "tokenizer.old").exists()

@@ -45,7 +45,7 @@ def test_planted_near_duplicates_are_removed_and_distinct_documents_kept(tmp_pat
     example = report["dropped"]["near_duplicate"]["examples"][0]
     assert example["duplicate_of"] == f"doc{int(example['source'][3:]) - len(originals)}"
     assert report["duplicate_clusters"] == 40
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clean.jsonl", "report.json", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".tinylm-output", "clean.jsonl", "report.json", "report.md"]
 
 
 def test_exact_duplicates_ignore_case_and_spacing(tmp_path):

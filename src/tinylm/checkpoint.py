@@ -14,6 +14,7 @@ Written to `step-N.tmp/` and renamed; `latest` names the newest complete one; th
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import re
 import shutil
 import time
@@ -22,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from .config import Config, ModelConfig, config_from_dict
+from .config import Config, ConfigError, ModelConfig, config_from_dict
 from .layout import TRAINING_STAGES, RunLayout
-from .files import atomic_dir, read_json, sha256_file, write_json, write_text
+from .files import MARKER, atomic_dir, output_complete, read_json, sha256_file, write_json, write_text
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -41,7 +42,7 @@ def save_checkpoint(run_dir: str | Path, model: Transformer, cfg: Config, tokeni
                     keep_last: int = 2) -> Path:
     ckpt_root = Path(run_dir) / "checkpoints"
     target = ckpt_root / f"step-{trainer['step']:07d}"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "checkpoint", legacy=("meta.json",)) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         if optimizer_state is not None:
             torch.save({"optimizer": optimizer_state, **(extra_state or {})}, tmp / "trainer_state.pt")
@@ -70,17 +71,26 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def is_complete(ckpt: Path) -> bool:
+    """A checkpoint directory with its meta.json and every file at the size it was written with
+    (hashes are checked when it is loaded)."""
+    if not (ckpt / "meta.json").is_file():
+        return False
+    return output_complete(ckpt) if (ckpt / MARKER).is_file() else True  # written before markers: meta.json only
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None."""
+    """The newest complete checkpoint of a run directory, or None. `latest` is followed only to a
+    complete checkpoint; otherwise the newest complete step-N is taken."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return None
     pointer = root / "latest"
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if (named / "meta.json").is_file():
+        if STEP_DIR.match(named.name) and is_complete(named):
             return named
-    complete = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file())
+    complete = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and is_complete(p))
     return complete[-1] if complete else None
 
 
@@ -124,13 +134,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
                     ) -> tuple[Transformer, Tokenizer, dict]:
     """Rebuild model and tokenizer from a checkpoint directory; strict about every mismatch."""
     ckpt = find_checkpoint(path)
-    meta = read_json(ckpt / "meta.json")
+    meta = read_meta(ckpt)
     if verify:
         verify_files(ckpt, meta)
     tokenizer = Tokenizer.load(ckpt)
     if tokenizer.fingerprint != meta["tokenizer_fingerprint"]:
         raise CheckpointError(f"{ckpt}: tokenizer does not match the one the model was trained with")
-    model = Transformer(ModelConfig(**meta["model"]))
+    model = Transformer(checkpoint_model_config(ckpt, meta))
     missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=True, device=str(device))
     if missing or unexpected:  # pragma: no cover - strict=True raises first
         raise CheckpointError(f"{ckpt}: missing {missing}, unexpected {unexpected}")
@@ -140,15 +150,58 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
 
 
 def load_trainer_state(ckpt: Path) -> dict:
+    """Optimizer, scaler and RNG state, loaded with `weights_only=True` (tensors, numbers, strings only).
+
+    Raises CheckpointError for a missing file, or one holding anything else (a pickle that would
+    import or call code): such a file was not written by tinylm and must not be trusted.
+    """
     path = ckpt / "trainer_state.pt"
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: no trainer_state.pt, cannot resume training from it")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a tinylm trainer state ({str(e).splitlines()[0][:120]}); it was not "
+                              "written by tinylm or was damaged: do not load it with weights_only=False (a pickle "
+                              "can run code). Remove the checkpoint or resume from another one") from None
 
 
-def checkpoint_model_config(ckpt: Path) -> ModelConfig:
-    return ModelConfig(**read_json(Path(ckpt) / "meta.json")["model"])
+META_FIELDS = {"model": dict, "tokenizer_fingerprint": str, "trainer": dict, "config": dict, "files": dict}
+
+
+def read_meta(ckpt: Path) -> dict:
+    """A checkpoint's meta.json, its fields checked: CheckpointError names the file and the field."""
+    path = Path(ckpt) / "meta.json"
+    meta = read_json(path)
+    problem = None
+    if not isinstance(meta, dict):
+        problem = "not a JSON object"
+    else:
+        for field, typ in META_FIELDS.items():
+            if field not in meta:
+                problem = f"the field {field!r} is missing"
+            elif not isinstance(meta[field], typ):
+                problem = f"the field {field!r} should be a {typ.__name__}, not {type(meta[field]).__name__}"
+            if problem:
+                break
+        if problem is None and not isinstance(meta["trainer"].get("step"), int):
+            problem = "the field 'trainer.step' should be a whole number"
+    if problem:
+        raise CheckpointError(f"{path}: {problem} (tinylm writes this file; was it edited or damaged?)")
+    return meta
+
+
+def checkpoint_model_config(ckpt: Path, meta: dict | None = None) -> ModelConfig:
+    """The model settings a checkpoint was saved with, checked as a config file's would be."""
+    meta = meta if meta is not None else read_meta(ckpt)
+    try:
+        return config_from_dict({"model": meta["model"]}).model
+    except ConfigError as e:
+        raise CheckpointError(f"{Path(ckpt) / 'meta.json'}: {e}") from None
 
 
 def checkpoint_config(ckpt: Path) -> Config:
-    return config_from_dict(read_json(ckpt / "meta.json")["config"])
+    try:
+        return config_from_dict(read_meta(ckpt)["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{Path(ckpt) / 'meta.json'}: {e}") from None

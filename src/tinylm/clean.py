@@ -226,7 +226,7 @@ def clean_corpus(docs: Iterable[Document], out_dir: str | Path, cfg: CleanConfig
     kept_sources: list[str] = []  # both indexes map keys to positions in this list
     exact = KeyIndex() if cfg.exact_dedup else None
     workers = workers or os.cpu_count() or 1
-    with atomic_dir(out_dir) as tmp, open(tmp / "clean.jsonl", "w", encoding="utf-8") as out:
+    with atomic_dir(out_dir, "clean", legacy=("clean.jsonl",)) as tmp, open(tmp / "clean.jsonl", "w", encoding="utf-8") as out:
         near = (MinHashIndex(cfg.near_dup_threshold, cfg.minhash_perm, tmp / "signatures.tmp")
                 if cfg.near_dup_threshold > 0 else None)
         bar = tqdm(desc="clean", unit="doc", disable=not progress or None)

@@ -128,15 +128,22 @@ def _config(args, overrides, base: Config | None = None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .files import LockedError
+
     argv = sys.argv[1:] if argv is None else argv
+    args = None
     try:
         args, overrides = parse(argv)
         return COMMANDS[args.verb](args, overrides) or 0
     except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"tinylm: error: {e}", file=sys.stderr)
         return 2
+    except LockedError as e:
+        print(f"tinylm: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # a full disk, a missing permission: say which file, keep what was complete
-        print(f"tinylm: error: {e.strerror or e} ({e.filename or 'no file named'}); outputs being written were "
+        where = e.filename or (f"writing into {args.out}" if getattr(args, "out", None) else "the file is not known")
+        print(f"tinylm: error: {e.strerror or e} ({where}); outputs being written were "
               "discarded, complete ones are untouched", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -338,11 +345,11 @@ def cmd_report(args, overrides) -> int:
 
 
 def cmd_info(args, overrides) -> int:
-    from .checkpoint import find_checkpoint
-    from .files import read_json
+    from .checkpoint import checkpoint_model_config, find_checkpoint, read_meta
 
     ckpt = find_checkpoint(args.checkpoint)
-    meta = read_json(ckpt / "meta.json")
+    meta = read_meta(ckpt)
+    checkpoint_model_config(ckpt, meta)  # a hand-edited model field is named here, not met later
     trainer = meta.get("trainer", {})
     print(f"checkpoint: {ckpt}")
     print(f"parameters: {meta['params']:,}")

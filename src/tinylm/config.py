@@ -252,7 +252,10 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
     if origin in (list, typing.List):
         (item,) = typing.get_args(typ)
-        if isinstance(value, str):
+        if isinstance(value, str) and value.startswith("[") and value.endswith("]"):  # `[]`, `[a,b]`, `["a", "b"]`
+            value = value[1:-1]
+            value = [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+        elif isinstance(value, str):
             value = [v for v in value.split(",") if v] if value else []
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

@@ -129,7 +129,7 @@ def build_sft_shards(conversations: Iterable[Conversation], tok: Tokenizer, out_
     """Write `{split}_ids.bin`, `{split}_mask.bin` (uint8) and `{split}_offsets.bin` (int64 row starts)."""
     dtype = token_dtype(tok.vocab_size)
     stats = {"train": FitStats(), "val": FitStats()}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "sft-data", legacy=("meta.json",)) as tmp:
         files = {s: {k: open(tmp / f"{s}_{k}.bin", "wb") for k in ("ids", "mask")} for s in stats}
         offsets: dict[str, list[int]] = {s: [0] for s in stats}
         for conv in conversations:

@@ -129,6 +129,8 @@ def jsonl_records(path: str | Path) -> Iterator[tuple[int, object]]:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise CorpusError(f"{path}:{lineno}: JSON nested too deeply to read (thousands of levels)") from None
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, dict]:
@@ -200,6 +202,9 @@ def corpus_files(paths: Iterable[str]) -> list[Path]:
             if _suffix(path) not in KNOWN_SUFFIXES:
                 raise CorpusError(f"{path}: unsupported file type (known: {', '.join(KNOWN_SUFFIXES)}, optionally .gz)")
             files.append(path)
+        elif path.exists():
+            raise CorpusError(f"{path}: not a regular file or folder (a pipe, socket or device): "
+                              "tinylm reads each input twice, so save it to a file first")
         else:
             raise CorpusError(f"{path}: no such file or folder")
     return files

@@ -71,7 +71,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     ckpt = find_checkpoint(checkpoint)
     model, tok, meta = load_checkpoint(ckpt)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "hf-export", inputs=(ckpt,), legacy=("config.json", "model.safetensors")) as tmp:
         write_json(tmp / "config.json", llama_config(model, tok))
         save_file(llama_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
         write_json(tmp / "generation_config.json", {
@@ -153,7 +153,7 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path) -> Path:
                          "(export --format hf works for every tokenizer)")
     c = model.cfg
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "gguf-export", inputs=(ckpt,), legacy=("model.gguf",)) as tmp:
         w = gguf.GGUFWriter(tmp / "model.gguf", arch="llama")
         w.add_name(checkpoint_name(ckpt).replace("/", "-"))
         w.add_context_length(c.max_seq_len)

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .config import Config, ConfigError, to_toml
-from .corpus import files_fingerprint
+from .corpus import corpus_files, files_fingerprint
 from .data import PackedBatches
-from .files import hash_json, read_json, write_json, write_text
+from .files import claim_folder, hash_json, output_lock, read_json, write_json, write_text
 from .layout import RunLayout, sft_data
-from .prepare import _fresh, prepare_data, say
+from .prepare import _fresh, has_sources, prepare_data, say
 from .conversations import SFTBatches, SFTRows, build_sft_shards, read_conversations
 from .shards import load_split
 from .tokenizer import Tokenizer
@@ -95,6 +95,7 @@ def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runti
     rt = rt or setup_runtime(cfg.stage_train("sft"))
     data_dir = sft_data(out_dir)
     if rt.is_main:
+        claim_folder(out_dir, "sft", inputs=(init_checkpoint,), legacy=("checkpoints",))  # before data/ goes in
         _set_aside_if_base_changed(out_dir, init_checkpoint)
         sft_data_stage(cfg, init_checkpoint, data_dir)
     if rt.distributed:
@@ -116,12 +117,12 @@ def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runti
 
 def _set_aside_if_base_changed(out_dir: Path, init_checkpoint: Path) -> None:
     """SFT checkpoints fine-tuned from another base are moved to checkpoints.superseded/, not resumed."""
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import checkpoint_config, latest_checkpoint
 
     previous = latest_checkpoint(out_dir)
     if previous is None:
         return
-    base = read_json(previous / "meta.json")["config"]["train"]["init_from"]
+    base = checkpoint_config(previous).train.init_from
     if Path(base).resolve() != init_checkpoint.resolve():
         aside = out_dir / "checkpoints.superseded"
         if aside.exists():
@@ -152,15 +153,40 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     Up-to-date stages are skipped; training stages resume from their newest checkpoint.
     """
     run_dir = Path(run_dir)
-    run_ = RunLayout(run_dir)
     runtime_fields = ("device", "dtype", "deterministic", "parallel")
     differ = [f for f in runtime_fields if cfg.sft.corpus and cfg.sft.train.get(f, getattr(cfg.train, f)) != getattr(cfg.train, f)]
     if differ:  # one process, one runtime: both stages run on what it was set up for
         raise ConfigError(f"sft.train.{differ[0]} differs from train.{differ[0]}: `tinylm run` runs both stages on one "
                           f"runtime ({', '.join(runtime_fields)}); fine-tune apart with `tinylm sft` to change it")
+    check_inputs(cfg)  # every file the run will read, before its first stage
     rt = setup_runtime(cfg.train)
+    if not rt.is_main:
+        return _run(cfg, run_dir, rt, progress)
+    with output_lock(run_dir):
+        claim_folder(run_dir, "run", legacy=("config.toml", "tokenizer"))
+        return _run(cfg, run_dir, rt, progress)
+
+
+def check_inputs(cfg: Config) -> None:
+    """Raise (CorpusError or ConfigError, naming the setting) for any input of a run that is missing or
+    unreadable, so that a wrong path stops the run before its first stage, not after pretraining."""
+    from .corpus import CorpusError
+
+    data = [] if has_sources(cfg) else cfg.data.corpus  # collected sources replace data.corpus
+    for setting, paths in (("data.corpus", data), ("sft.corpus", cfg.sft.corpus),
+                           ("collect.files", cfg.collect.files), ("eval.blimp", cfg.eval.blimp)):
+        try:
+            corpus_files(paths)
+        except CorpusError as e:
+            raise CorpusError(f"{setting}: {e}") from None
+    for spec in cfg.eval.choice:  # a local file, or a Hugging Face dataset name
+        if spec.endswith((".jsonl", ".json")) and not Path(spec).is_file():
+            raise ConfigError(f"eval.choice: {spec}: no such file")
+
+
+def _run(cfg: Config, run_dir: Path, rt: Runtime, progress: bool) -> dict:
+    run_ = RunLayout(run_dir)
     if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_.config, to_toml(cfg))
         prepare_data(cfg, run_dir, progress=progress)
     if rt.distributed:
@@ -241,8 +267,7 @@ def train_on_documents(documents: list[dict], out_dir: str | Path, config: str |
     from .config import load_config
 
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_folder(out_dir, "run", legacy=("config.toml", "tokenizer"))  # before corpus.jsonl goes in
     fields = [text_field] if text_field else cfg.data.text_fields
     lines = []
     for n, doc in enumerate(documents):

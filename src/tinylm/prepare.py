@@ -13,16 +13,22 @@ import time
 from pathlib import Path
 
 from .config import Config, to_toml
-from .corpus import CorpusError, corpus_fingerprint, files_fingerprint, read_documents, split_documents
-from .files import hash_json, read_json, write_json, write_text
+from .corpus import CorpusError, corpus_files, corpus_fingerprint, files_fingerprint, read_documents, split_documents
+from .files import check_output, claim_folder, hash_json, output_complete, output_lock, read_json, write_json, write_text
 from .layout import RunLayout
 from .shards import build_shards
 from .tokenizer import Tokenizer, bytes_per_token, train_tokenizer
 
 
 def _fresh(out_dir: Path, inputs_hash: str) -> bool:
+    """An output made from the same inputs and settings, every file of it there at its full size."""
     meta = out_dir / "meta.json"
-    return meta.is_file() and read_json(meta).get("inputs_hash") == inputs_hash
+    if not (meta.is_file() and read_json(meta).get("inputs_hash") == inputs_hash):
+        return False
+    if not output_complete(out_dir):
+        say(f"{out_dir}: damaged or incomplete (a file is missing or has the wrong size): rebuilding it")
+        return False
+    return True
 
 
 def say(text: str) -> None:
@@ -37,6 +43,7 @@ def tokenizer_stage(cfg: Config, out_dir: str | Path, force: bool = False, progr
     if not force and _fresh(out_dir, inputs_hash):
         say(f"tokenizer: up to date in {out_dir}")
         return out_dir
+    check_output(out_dir, "tokenizer", inputs=corpus_files(cfg.data.corpus), legacy=("tokenizer.json",))
     say(f"tokenizer: training {cfg.tokenizer.kind} with {cfg.tokenizer.vocab_size} tokens on {', '.join(cfg.data.corpus)}")
     t0 = time.perf_counter()
     counted = {"docs": 0}
@@ -84,6 +91,7 @@ def shards_stage(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path, fo
     if not force and _fresh(out_dir, inputs_hash):
         say(f"shards: up to date in {out_dir}")
         return out_dir
+    check_output(out_dir, "shards", inputs=(*corpus_files(cfg.data.corpus), tokenizer_dir), legacy=("meta.json",))
     say(f"shards: tokenizing {', '.join(cfg.data.corpus)}")
     t0 = time.perf_counter()
     meta = build_shards(split_documents(cfg.data), tokenizer_dir, out_dir, cfg.data, progress=progress,
@@ -112,7 +120,9 @@ def collect_stage(cfg: Config, out_dir: str | Path) -> list[str]:
     from .collect import collect
 
     out_dir = Path(out_dir)
-    manifest = collect(cfg.collect, out_dir)
+    with output_lock(out_dir):
+        claim_folder(out_dir, "raw", inputs=corpus_files(cfg.collect.files), legacy=("manifest.json",))
+        manifest = collect(cfg.collect, out_dir)
     write_text(out_dir / "config.toml", to_toml(cfg))
     total = sum(s["documents"] for s in manifest["sources"].values())
     say(f"collect: {total:,} documents in {out_dir}")
@@ -129,6 +139,7 @@ def clean_stage(cfg: Config, out_dir: str | Path, force: bool = False, progress:
     if not force and _fresh(out_dir, inputs_hash):
         say(f"clean: up to date in {out_dir}")
         return read_json(out_dir / "report.json")
+    check_output(out_dir, "clean", inputs=corpus_files(cfg.data.corpus), legacy=("clean.jsonl",))
     say(f"clean: {', '.join(cfg.data.corpus)}")
     t0 = time.perf_counter()
     report = clean_corpus(read_documents(cfg.data), out_dir, cfg.clean, cfg.data.workers, progress=progress)

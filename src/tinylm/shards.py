@@ -139,7 +139,7 @@ def build_shards(docs: Iterable[tuple[Document, bool]], tokenizer_dir: str | Pat
     tok = Tokenizer.load(tokenizer_dir)
     dtype = token_dtype(tok.vocab_size)
     workers = cfg.workers or os.cpu_count() or 1
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "shards", legacy=("meta.json",)) as tmp:
         writers = {s: ShardWriter(tmp, s, cfg.shard_tokens, dtype) for s in SPLITS}
         bar = tqdm(desc="shards", unit="tok", unit_scale=True, disable=not progress or None)
         cut = {"documents": 0, "pieces": 0, "max_doc_chars": cfg.max_doc_chars}

@@ -106,7 +106,7 @@ class Tokenizer:
     # --- files ----------------------------------------------------------------------------------
     def save(self, out_dir: str | Path, model_max_length: int = 2048, extra_meta: dict | None = None) -> None:
         """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and meta.json atomically."""
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, "tokenizer", legacy=("tokenizer.json",)) as tmp:
             self.backend.save(str(tmp / "tokenizer.json"))
             if self.sp_model:
                 (tmp / "sentencepiece.model").write_bytes(self.sp_model)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_trainer_state, remove_partial,
                          save_checkpoint)
 from .config import Config, ConfigError, TrainConfig, to_toml
-from .files import write_text
+from .files import claim_folder, output_lock, write_text
 from .logs import MetricsLog, Tracker, format_duration
 from .model import Transformer
 from .parallel import full_state, is_sharded, load_full_state, local_value, shard, sync_gradients, wrap
@@ -175,8 +175,23 @@ def evaluate(model: torch.nn.Module, make_batches: Callable, n_batches: int, rt:
 
 def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val_batches: Callable | None,
           tokenizer_dir: str | Path, bytes_per_token: float | None = None, stage: str = "pretrain") -> dict:
-    """Train `cfg.model` on `train_batches`; checkpoints and logs go to out_dir. Returns a summary."""
-    tc, out_dir = cfg.train, Path(out_dir)
+    """Train `cfg.model` on `train_batches`; checkpoints and logs go to out_dir. Returns a summary.
+
+    out_dir must be new, empty or an earlier output of this stage (files.OutputError otherwise), and
+    is locked while training writes it (files.LockedError for a second process).
+    """
+    out_dir = Path(out_dir)
+    inputs = (tokenizer_dir, *([cfg.train.init_from] if cfg.train.init_from else []))
+    if not rt.is_main:
+        return _train(cfg, out_dir, rt, train_batches, make_val_batches, tokenizer_dir, bytes_per_token, stage)
+    with output_lock(out_dir):
+        claim_folder(out_dir, stage, inputs=inputs, legacy=("checkpoints",))
+        return _train(cfg, out_dir, rt, train_batches, make_val_batches, tokenizer_dir, bytes_per_token, stage)
+
+
+def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batches: Callable | None,
+           tokenizer_dir: str | Path, bytes_per_token: float | None, stage: str) -> dict:
+    tc = cfg.train
     torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
     model = Transformer(cfg.model).to(rt.device)
     model.attention = attention_kernel(tc, rt.device)
