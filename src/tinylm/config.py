@@ -145,10 +145,14 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (FSDP2: weights, gradients and optimizer sharded)
     batch_size: int = 16  # sequences per micro-batch (per rank)
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # peak learning rate
+    optimizer: str = "adamw"  # "adamw", or "muon" (Muon for the hidden weight matrices, AdamW for embeddings, head and norms)
+    lr: float = 1e-3  # peak learning rate (Muon's is scaled to match AdamW's update size: the same value serves both)
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
-    warmup_steps: int = 100  # linear warmup steps
-    weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
+    schedule: str = "cosine"  # after warm-up: "cosine" decay to min_lr_ratio, or "wsd" (warmup-stable-decay: the peak held, then a linear decay over the last decay_fraction)
+    decay_fraction: float = 0.3  # "wsd": the share of the run spent decaying
+    warmup_steps: int = 100  # linear warm-up, in optimizer steps (unused when warmup_fraction is set)
+    warmup_fraction: float = 0.0  # linear warm-up as a share of the run (of max_time when time ends it): every machine reaches the peak
+    weight_decay: float = 0.1  # weight decay (decoupled), applied to matrices only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
@@ -227,6 +231,13 @@ class Config:
             raise ConfigError(f"tokenizer.kind must be 'bpe' or 'sentencepiece', not {self.tokenizer.kind!r}")
         if self.train.attention not in ("auto", "sdpa", "chunked"):
             raise ConfigError(f"train.attention must be 'auto', 'sdpa' or 'chunked', not {self.train.attention!r}")
+        if self.train.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"train.optimizer must be 'adamw' or 'muon', not {self.train.optimizer!r}")
+        if self.train.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"train.schedule must be 'cosine' or 'wsd', not {self.train.schedule!r}")
+        for name in ("warmup_fraction", "decay_fraction"):
+            if not 0.0 <= getattr(self.train, name) <= 1.0:
+                raise ConfigError(f"train.{name} is a share of the run, between 0 and 1, not {getattr(self.train, name)}")
         if self.train.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', not {self.train.parallel!r}")
         for name, value in (("data.val_fraction", self.data.val_fraction), ("sft.val_fraction", self.sft.val_fraction)):

@@ -97,23 +97,73 @@ def attention_kernel(tc: TrainConfig, device: torch.device) -> str:
 
 
 # --- optimisation --------------------------------------------------------------------------------
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device, sharded: bool = False
-                    ) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (embeddings, projections), not on norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device, sharded: bool = False):
+    """AdamW with weight decay on matrices (embeddings, projections), not on norms; or, with
+    `train.optimizer = "muon"`, torch's Muon (Jordan et al. 2024) for the hidden 2-D weights of the
+    blocks, its step scaled to AdamW's RMS (`match_rms_adamw`, Liu et al. 2025, "Muon is Scalable")
+    so that one learning rate serves both, and AdamW for embeddings, head and norms.
+    """
     fused = device.type in ("cuda", "cpu") and not sharded  # one kernel per tensor group: 26M params on CPU 21 ms vs 84 ms foreach
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused, foreach=not fused)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = {n for n, p in named if tc.optimizer == "muon" and p.dim() == 2 and ".layers." in f".{n}"}
+    adamw = torch.optim.AdamW([
+        {"params": [p for n, p in named if p.dim() >= 2 and n not in hidden], "weight_decay": tc.weight_decay},
+        {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0},
+    ], lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused, foreach=not fused)
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon([p for n, p in named if n in hidden], lr=tc.lr, weight_decay=tc.weight_decay,
+                            adjust_lr_fn="match_rms_adamw")
+    return Optimizers(adamw, muon)
+
+
+class Optimizers:
+    """Several optimizers stepped as one (each owns its own parameters): what the loop, the checkpoint
+    and GradScaler (disabled: fp16 is refused with Muon) need of `torch.optim.Optimizer`."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state.get("optimizers", ())) != len(self.optimizers):
+            raise CheckpointError("the checkpoint's optimizer state is for another train.optimizer")
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
 
 
 def lr_at(step: int, progress: float, tc: TrainConfig) -> float:
-    """Linear warmup over `warmup_steps`, times a cosine from 1 to `min_lr_ratio` over progress 0..1."""
-    warmup = min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0
-    cosine = tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return tc.lr * warmup * cosine
+    """The learning rate at optimizer step `step`, `progress` (0..1) of the way through the run.
+
+    Linear warm-up over `warmup_fraction` of the run (or `warmup_steps` steps), then either a cosine
+    from 1 to `min_lr_ratio` over the whole run, or ("wsd", warmup-stable-decay: Hu et al. 2024,
+    MiniCPM) the peak until the last `decay_fraction`, then a linear decay to `min_lr_ratio`.
+    """
+    progress = min(1.0, progress)
+    if tc.warmup_fraction > 0:  # from 0.1% of the way, so that the first step is not wasted at zero
+        warmup = min(1.0, max(progress, 0.001) / tc.warmup_fraction)
+    else:
+        warmup = min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0
+    if tc.schedule == "wsd":
+        into_decay = (progress - (1 - tc.decay_fraction)) / tc.decay_fraction if tc.decay_fraction > 0 else 0.0
+        shape = 1 - (1 - tc.min_lr_ratio) * min(1.0, max(0.0, into_decay))
+    else:
+        shape = tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return tc.lr * warmup * shape
 
 
 @dataclass
@@ -203,6 +253,10 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
         del start
     if is_sharded(rt, tc):
         shard(model, rt)  # before the optimizer, which must see the sharded parameters
+    if tc.optimizer == "muon" and (rt.dtype == torch.float16 or is_sharded(rt, tc)):
+        raise ConfigError("train.optimizer = 'muon' works with bf16 or fp32 in one process or DDP; "
+                          f"this run uses {'fp16 with a gradient scaler' if rt.dtype == torch.float16 else 'FSDP'}: "
+                          "use train.optimizer = 'adamw' here")
     optimizer = build_optimizer(model, tc, rt.device, sharded=is_sharded(rt, tc))
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     progress = Progress()
