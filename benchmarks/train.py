@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinylm.compiling import choice
 from tinylm.config import load_config
 from tinylm.model import Transformer
 from tinylm.parallel import wrap
@@ -141,8 +142,9 @@ def bench_preset(preset: str, steps: int, warmup: int, device: str = "cpu", over
     model = Transformer(mc).to(rt.device)
     flops = model.flops_per_token() * tokens
     optimizer = build_optimizer(model, tc, rt.device)
-    model.attention = attention_kernel(tc, rt.device)  # as training does
-    wrapped = wrap(model, rt, tc)  # compiled if the preset says so
+    compiled = choice(tc.compile) is not False  # a preset that may compile ("auto") is timed compiled
+    model.attention = attention_kernel(tc, rt.device, compiled)  # as training does
+    wrapped = wrap(model, rt, tc, compiled)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     step = Stepper(wrapped, model, optimizer, scaler, rt, tc)
     ours_warm, ours = time_steps(lambda: step(batches), steps, warmup, sync)
@@ -165,7 +167,7 @@ def bench_preset(preset: str, steps: int, warmup: int, device: str = "cpu", over
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
     return {"preset": preset, "params": params, "tokens_per_step": tokens,
-            "dtype": rt.dtype, "compile": tc.compile, "warmup_s": ours_warm, "flops": flops,
+            "dtype": rt.dtype, "compile": compiled, "warmup_s": ours_warm, "flops": flops,
             "ours_s": ours, "naive_s": theirs}
 
 

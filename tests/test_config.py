@@ -16,7 +16,7 @@ def test_presets_exist_and_load():
 def test_overrides_are_typed():
     cfg = load_config("tiny", ["train.lr=1e-4", "model.n_layers=3", "train.compile=true",
                                "data.corpus=a.txt,b.jsonl", "train.max_tokens=2e6"])
-    assert cfg.train.lr == 1e-4 and cfg.model.n_layers == 3 and cfg.train.compile is True
+    assert cfg.train.lr == 1e-4 and cfg.model.n_layers == 3 and cfg.train.compile == "true"
     assert cfg.data.corpus == ["a.txt", "b.jsonl"] and cfg.train.max_tokens == 2_000_000
 
 
@@ -24,7 +24,7 @@ def test_overrides_are_typed():
     ("train.lrr=1", "did you mean 'lr'"),
     ("trian.lr=1", "did you mean 'train'"),
     ("model.dim=abc", "expected int"),
-    ("train.compile=maybe", "expected true/false"),
+    ("train.compile=maybe", "train.compile must be 'auto', 'true' or 'false'"),
 ])
 def test_bad_overrides_are_explained(override, hint):
     with pytest.raises(ConfigError, match=hint):

@@ -251,3 +251,37 @@ def test_out_of_memory_backs_off_to_smaller_pieces_with_the_same_result(prepared
     a = _weights(latest_checkpoint(tmp_path / "plain"))
     b = _weights(latest_checkpoint(tmp_path / "small"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # same sequences, same updates
+
+
+def test_compile_auto_compiles_only_when_it_pays_back(prepared, tmp_path, monkeypatch):
+    """The decision: compile time against the time compiled steps save in what is left of the run."""
+    from tinylm.compiling import CompileCost, known_cost
+
+    assert CompileCost(60, 1.25, True).pays(600) and not CompileCost(60, 1.25, True).pays(215)  # 120 s saved vs 43
+    assert not CompileCost(1, 1.01, True).pays(10_000)  # no faster: never
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert not known_cost("unmeasured", torch.device("cpu")).measured
+    cfg = _cfg(prepared, **{"train.max_steps": 6, "train.compile": "auto", "train.eval_every": 0})
+    pretrain(cfg, prepared["shards"], tmp_path / "run")  # seconds of training: a 60 s compile cannot pay
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "compile (auto): not compiling: 60 s to compile" in log and "estimated" in log
+
+
+@pytest.mark.slow
+def test_compile_auto_switches_mid_run_and_remembers_the_cost(prepared, tmp_path, monkeypatch):
+    from tinylm.compiling import cache_file, known_cost, plan_key, record_cost
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = _cfg(prepared, **{"train.max_steps": 12, "train.compile": "auto", "train.eval_every": 0,
+                            "train.dtype": "fp32"})
+    from tinylm.train import setup_runtime
+
+    rt = setup_runtime(cfg.train)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=384)
+    key = plan_key(model_cfg, rt.device, rt.dtype, cfg.train.batch_size, cfg.model.max_seq_len)
+    record_cost(key, 0.0, 10.0)  # as if this machine had measured a free, 10x compile
+    pretrain(cfg, prepared["shards"], tmp_path / "run")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "compile (auto): compiling now" in log and "measured here" in log and "compile: took" in log
+    measured = known_cost(key, rt.device)
+    assert measured.measured and measured.speedup != 10.0 and cache_file().is_file()  # the real figures replace it

@@ -139,7 +139,7 @@ class TrainConfig:
     seed: int = 1337  # seeds weights, data order and dropout
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"  # "auto" (bf16 where supported, fp16+scaler on old GPUs), "bf16", "fp16", "fp32"
-    compile: bool = False  # torch.compile the model
+    compile: str = "auto"  # torch.compile the training step: "true", "false", or "auto" (only when the compile time pays back within the run's budget: compiling.py)
     attention: str = "auto"  # training's attention kernel: "sdpa" (PyTorch's fused kernels), "chunked" (attention.py, CPU; for sequences of 256+ tokens in multiples of 128, else SDPA), "auto" (chunked where a compiled step runs on a CPU)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable GPU runs and resumes, a little slower (CPU runs are repeatable anyway)
     parallel: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (FSDP2: weights, gradients and optimizer sharded)
@@ -175,7 +175,7 @@ class TrainConfig:
 # override says otherwise. `compile` is off: SFT batches vary in width, so it would compile several times.
 SFT_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 5e-4, "warmup_steps": 20, "batch_size": 16, "max_steps": 0,
                                       "max_epochs": 1.0, "max_tokens": 0, "max_time": 0.0, "eval_every": 100,
-                                      "compile": False}
+                                      "compile": "false"}
 
 
 @dataclass
@@ -231,6 +231,8 @@ class Config:
             raise ConfigError(f"tokenizer.kind must be 'bpe' or 'sentencepiece', not {self.tokenizer.kind!r}")
         if self.train.attention not in ("auto", "sdpa", "chunked"):
             raise ConfigError(f"train.attention must be 'auto', 'sdpa' or 'chunked', not {self.train.attention!r}")
+        if self.train.compile not in ("auto", "true", "false"):
+            raise ConfigError(f"train.compile must be 'auto', 'true' or 'false', not {self.train.compile!r}")
         if self.train.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"train.optimizer must be 'adamw' or 'muon', not {self.train.optimizer!r}")
         if self.train.schedule not in ("cosine", "wsd"):
@@ -287,7 +289,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if typ is float:
             return float(value)
         if typ is str:
-            return str(value)
+            return ("true" if value else "false") if isinstance(value, bool) else str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
     raise ConfigError(f"{where}: unsupported type {typ}")  # pragma: no cover

@@ -36,9 +36,9 @@ def shard(model: torch.nn.Module, rt) -> None:
     fully_shard(model, mesh=mesh, mp_policy=mixed)
 
 
-def wrap(model: torch.nn.Module, rt, tc) -> torch.nn.Module:
-    """The module the training step calls: compiled if asked, inside DDP when there are ranks to sync."""
-    compiled = torch.compile(model) if tc.compile else model
+def wrap(model: torch.nn.Module, rt, tc, compiled: bool) -> torch.nn.Module:
+    """The module the training step calls: compiled if `compiled`, inside DDP when there are ranks to sync."""
+    compiled = torch.compile(model) if compiled else model
     if rt.distributed and not is_sharded(rt, tc):
         return DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     return compiled

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_trainer_state, remove_partial,
                          save_checkpoint)
+from .compiling import CompileTimer, choice, known_cost, plan_key
 from .config import Config, ConfigError, TrainConfig, to_toml
 from .files import claim_folder, output_lock, write_text
 from .logs import MetricsLog, Tracker, format_duration
@@ -85,7 +86,7 @@ def setup_runtime(tc: TrainConfig) -> Runtime:
     return Runtime(device, pick_dtype(tc.dtype, device), rank, world, local_rank, distributed)
 
 
-def attention_kernel(tc: TrainConfig, device: torch.device) -> str:
+def attention_kernel(tc: TrainConfig, device: torch.device, compiled: bool | None = None) -> str:
     """`train.attention` resolved: "auto" takes the hand-written chunked attention (attention.py) for a
     step compiled on a CPU, where it measured 1.2-2.4x PyTorch's CPU flash attention forward +
     backward (eager it is not faster), and SDPA everywhere else."""
@@ -93,7 +94,8 @@ def attention_kernel(tc: TrainConfig, device: torch.device) -> str:
         raise ConfigError(f"train.attention=chunked is a CPU kernel; on {device.type} take 'sdpa' or 'auto'")
     if tc.attention != "auto":
         return tc.attention
-    return "chunked" if tc.compile and device.type == "cpu" else "sdpa"
+    compiled = choice(tc.compile) is True if compiled is None else compiled
+    return "chunked" if compiled and device.type == "cpu" else "sdpa"
 
 
 # --- optimisation --------------------------------------------------------------------------------
@@ -244,7 +246,10 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
     tc = cfg.train
     torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
     model = Transformer(cfg.model).to(rt.device)
-    model.attention = attention_kernel(tc, rt.device)
+    compiled = choice(tc.compile)  # None: "auto", decided after the first steps
+    if compiled is None and rt.distributed:  # ranks must not decide apart: no switch mid-run
+        compiled = rt.device.type == "cuda"
+    model.attention = attention_kernel(tc, rt.device, bool(compiled))
     if rt.rank:
         torch.manual_seed(tc.seed + rt.rank)  # but each rank its own dropout
     if tc.init_from:
@@ -266,7 +271,7 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
     resume_from = latest_checkpoint(out_dir) if tc.resume else None
     if resume_from is not None:
         progress = _restore(resume_from, model, optimizer, scaler, train_batches, rt, tc, tokenizer_dir)
-    wrapped = wrap(model, rt, tc)
+    wrapped = wrap(model, rt, tc, bool(compiled))
 
     tokens_per_step = train_batches.windows_per_step * train_batches.seq_len * tc.grad_accum  # at most (SFT pads less)
     total_steps = horizon(tc, tokens_per_step, max(1, train_batches.steps_per_epoch // tc.grad_accum))
@@ -307,6 +312,8 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
     bar = tqdm(total=total_steps, initial=progress.step, desc=stage, unit="step", disable=not rt.is_main or None,
                dynamic_ncols=True, leave=False)
     wrapped.train()
+    compile_key = plan_key(cfg.model, rt.device, rt.dtype, tc.batch_size, train_batches.seq_len) if compiled is None else ""
+    compile_timer = None
     last_saved = progress.step if resume_from else -1
     steps_run = 0
     try:
@@ -325,6 +332,16 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
             progress.tokens += tokens
             dt = stop.agree(rt, time.perf_counter() - t0)  # ranks agree on the step time and on stopping
             progress.elapsed += dt
+            if compile_timer is not None and (said := compile_timer.step(dt)):
+                log.line(said)
+                compile_timer = None
+            if compiled is None and steps_run == PACE_AFTER:  # "auto": the eager pace is known now
+                compiled, said = _decide_compile(progress, tc, total_steps, dt, compile_key, rt)
+                log.line(said)
+                if compiled:
+                    model.attention = attention_kernel(tc, rt.device, True)
+                    wrapped = step.wrapped = wrap(model, rt, tc, True)
+                    compile_timer = CompileTimer(dt, compile_key)
 
             record = {"step": progress.step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                       "tok_per_s": round(tokens / dt), "tokens": progress.tokens,
@@ -556,6 +573,19 @@ def _preflight(model: Transformer, rt: Runtime, tokens_per_step: int, total_step
 
 
 PACE_AFTER = 3  # steps: the first ones include compilation and warm-up
+
+
+def _decide_compile(progress: Progress, tc: TrainConfig, total_steps: int | None, eager_step_s: float, key: str,
+                    rt: Runtime) -> tuple[bool, str]:
+    """`train.compile = "auto"`: compile now if it pays back within what is left of the run."""
+    remaining = [(total_steps - progress.step) * eager_step_s] if total_steps else []
+    if tc.max_time:
+        remaining.append(tc.max_time - progress.elapsed)
+    left = min(remaining)
+    cost = known_cost(key, rt.device)
+    verdict = "compiling now" if cost.pays(left) else "not compiling"
+    return cost.pays(left), (f"compile (auto): {verdict}: {cost.describe()}; about {format_duration(left)} of "
+                             f"training left at {eager_step_s:.3f} s/step eager")
 
 
 def _pace(progress: Progress, tc: TrainConfig, total_steps: int | None, tokens_per_step: int, dt: float) -> str:

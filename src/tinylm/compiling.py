@@ -1,0 +1,112 @@
+"""Compile the training step only when it pays for itself within the run (`train.compile = "auto"`).
+
+`torch.compile` costs time once (about 30 s for `cpu-speedrun` on a bf16 CPU, 77 s for `cpu-demo` and
+147 s for `gpu-26m` on an AVX2 one) and then makes each step faster (1.2-1.4x on CPUs, 2x and more
+on GPUs). In a run of a few minutes the cost can exceed the gain. "auto" trains the first steps eager,
+which measures the eager pace, then compiles only if
+
+    compile_s < remaining_s * (1 - 1 / speedup)
+
+that is, if the compiled steps save more time than compiling takes within what is left of the budget.
+`compile_s` and `speedup` are this machine's own, measured on an earlier run of the same model shape
+and cached in `$XDG_CACHE_HOME/tinylm/compile.json` (`~/.cache/...`); before a first measurement, the
+figures of `ESTIMATES` stand in. A run that compiles records what it measured for the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .files import hash_json, write_json
+
+# before this machine has measured its own: (seconds to compile, step speed-up), by device type
+ESTIMATES = {"cpu": (60.0, 1.25), "cuda": (30.0, 2.0), "mps": (60.0, 1.2)}
+MIN_SPEEDUP = 1.02  # a compiled step measured slower than this is not worth compiling again
+
+
+def choice(setting: str) -> bool | None:
+    """`train.compile` as True, False, or None for "auto" (decided while training)."""
+    return {"true": True, "false": False, "auto": None}[setting]
+
+
+def cache_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinylm" / "compile.json"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def plan_key(model_cfg, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int) -> str:
+    """What a compile time and speed-up depend on: torch, the device, the dtype, the model, the batch."""
+    return hash_json({"torch": torch.__version__, "device": device_name(device), "threads": torch.get_num_threads(),
+                      "dtype": str(dtype), "model": asdict(model_cfg), "batch": [batch_size, seq_len]})
+
+
+@dataclass
+class CompileCost:
+    compile_s: float
+    speedup: float
+    measured: bool  # False: the ESTIMATES stand-in
+
+    def pays(self, remaining_s: float) -> bool:
+        return self.speedup >= MIN_SPEEDUP and self.compile_s < remaining_s * (1 - 1 / self.speedup)
+
+    def describe(self) -> str:
+        where = "measured here" if self.measured else "estimated: not yet measured on this machine"
+        return f"{self.compile_s:.0f} s to compile, steps {self.speedup:.2f}x faster ({where})"
+
+
+def known_cost(key: str, device: torch.device) -> CompileCost:
+    try:
+        entry = json.loads(cache_file().read_text(encoding="utf-8"))[key]
+        return CompileCost(float(entry["compile_s"]), float(entry["speedup"]), True)
+    except (OSError, ValueError, KeyError, TypeError):
+        compile_s, speedup = ESTIMATES.get(device.type, ESTIMATES["cpu"])
+        return CompileCost(compile_s, speedup, False)
+
+
+def record_cost(key: str, compile_s: float, speedup: float) -> None:
+    """Keep this machine's measurement for later runs (best effort: a read-only home is no error)."""
+    path = cache_file()
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}
+    cache[key] = {"compile_s": round(compile_s, 1), "speedup": round(speedup, 3)}
+    try:
+        write_json(path, cache)
+    except OSError:
+        pass
+
+
+class CompileTimer:
+    """Measures a compile switched on mid-run: the first compiled step's extra time, then the pace."""
+
+    def __init__(self, eager_step_s: float, key: str, steps: int = 3):
+        self.eager_step_s, self.key, self.steps = eager_step_s, key, steps
+        self.times: list[float] = []
+
+    def step(self, dt: float) -> str | None:
+        """Feed each compiled step's time; returns a log line once the measurement is recorded."""
+        self.times.append(dt)
+        if len(self.times) != self.steps + 1:
+            return None
+        compiled = sorted(self.times[1:])[len(self.times[1:]) // 2]
+        compile_s = max(0.0, self.times[0] - compiled)
+        speedup = self.eager_step_s / compiled
+        record_cost(self.key, compile_s, speedup)
+        return (f"compile: took {compile_s:.0f} s; steps {speedup:.2f}x faster ({self.eager_step_s:.3f} -> "
+                f"{compiled:.3f} s); remembered in {cache_file()} for the next run")
