@@ -6,10 +6,12 @@ file, the line and the field.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata, resources
@@ -77,12 +79,36 @@ def _open_binary(path: Path):
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a byte-order mark at its start is not text (Windows
+    editors write one), so the first line starts at the character after it."""
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise CorpusError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start})") from None
+
+
+LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(value, where: str) -> str | None:
+    """The field path of the first string holding a lone surrogate (a JSON escape such as \\ud800
+    that is half of a UTF-16 pair: no character, and no UTF-8 encoding), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{where} (character {e.start}: \\u{ord(value[e.start]):04x})"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 def read_text_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
@@ -121,14 +147,19 @@ def _text_of(record, fields: list[str], where: str) -> str:
 
 def jsonl_records(path: str | Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed record) of every non-blank line of a JSON Lines file (optionally .gz): the
-    one JSON Lines reader. Raises CorpusError naming the file and line for bad UTF-8 or bad JSON."""
+    one JSON Lines reader. Raises CorpusError naming the file and line for bad UTF-8, bad JSON or a
+    lone surrogate escape (naming the field too). A UTF-8 byte-order mark at the start is skipped."""
     for lineno, line in _lines(Path(path)):
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if LONE_SURROGATE_ESCAPE.search(line) and (field := _lone_surrogate(record, "")):
+            raise CorpusError(f"{path}:{lineno}: field {field} holds a lone surrogate escape, which is no "
+                              "character and has no UTF-8 form: write the whole pair (e.g. \\ud83d\\ude00) or the character")
+        yield lineno, record
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, dict]:
@@ -153,9 +184,13 @@ def read_json_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
     import ijson
 
     with _open_binary(path) as f:
+        if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+            f.seek(0)
         try:
             for n, record in enumerate(ijson.items(f, "item", use_float=True)):
                 text = _text_of(record, cfg.text_fields, f"{path}: item {n}")
+                if _lone_surrogate(text, ""):
+                    raise CorpusError(f"{path}: item {n}: its text holds a lone surrogate escape (no character, no UTF-8 form)")
                 if text.strip():
                     source = record.get("source") if isinstance(record, dict) else None
                     yield Document(text, f"{path}#{n}" + (f" ({source})" if isinstance(source, str) else ""))
