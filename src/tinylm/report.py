@@ -215,7 +215,7 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
             if scores:
                 from .evaluate import score_table
 
-                eval_rows += [[stage, r["task"], r["metric"], _n(r["value"]),
+                eval_rows += [[stage, r["task"], r["metric"], _n(r["value"]) if r["value"] is not None else f"no score: {r['why']}",
                                f"{_n(r['ci95'][0])} – {_n(r['ci95'][1])}" if r.get("ci95") else "–", r["n"], _n(r.get("chance"))]
                               for r in score_table(scores)]
         if records:
