@@ -7,7 +7,7 @@ with a bounded number of batches in flight; the two dedup indexes live in the ma
 documents in corpus order, so the first copy of a document is the one kept. Near-duplicates are
 found with MinHash LSH (`datasketch` signatures and banding, the compact index of dedup.py): each
 document is compared with the few that share a band of its signature, never with every other
-document (the second seed's all-pairs loop is O(n^2)). Memory per kept document: ~200 bytes.
+document (the second seed's all-pairs loop is O(n^2)). Memory per kept document: ~350 bytes.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def clean_corpus(docs: Iterable[Document], out_dir: str | Path, cfg: CleanConfig
                 if rule:
                     report.drop(rule, text, source)
                     continue
-                if exact is not None and (same := exact.get(text_key(key))):
+                if exact is not None and len(same := exact.get(text_key(key))):
                     report.drop("exact_duplicate", text, source, kept_sources[same[0]])
                     continue
                 if near is not None:
