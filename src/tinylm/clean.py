@@ -34,9 +34,46 @@ from .shards import run_in_pool
 RULES = ("too_short", "too_long", "too_few_words", "short_sentences", "long_sentences", "few_unique_chars",
          "symbols", "digits", "repeated_lines", "repeated_ngrams", "language", "exact_duplicate", "near_duplicate")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-WORD = re.compile(r"\w+", re.UNICODE)
-SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
-SYMBOL = re.compile(r"[^\w\s.,;:!?'\"()\[\]{}\-–—…/&%]|_")  # not a letter, digit, space or common punctuation
+
+
+# --- words and sentences in every script ------------------------------------------------------------
+def _char_class(ranges: list[tuple[int, int]], keep=lambda c: True) -> str:
+    """A regex character class body (no brackets) of the characters in the ranges that `keep` accepts."""
+    out, start, prev = [], None, None
+    for code in (c for a, b in ranges for c in range(a, b + 1) if keep(chr(c))):
+        if start is not None and code == prev + 1:
+            prev = code
+            continue
+        if start is not None:
+            out.append(re.escape(chr(start)) + (f"-{re.escape(chr(prev))}" if prev > start else ""))
+        start = prev = code
+    if start is not None:
+        out.append(re.escape(chr(start)) + (f"-{re.escape(chr(prev))}" if prev > start else ""))
+    return "".join(out)
+
+
+# Scripts written without spaces between words (scriptio continua): Thai, Lao, Myanmar, Khmer,
+# Hiragana, Katakana and Han. In them every letter counts as one word, the convention of the word
+# counts of Microsoft Word and Google Docs for Chinese and Japanese (a Chinese word is 1-2 characters).
+# A Thai, Lao, Khmer or Myanmar word is several letters, so there the same count overstates words:
+# min_words is lenient, min_sentence_words lets menus through and max_sentence_words is strict
+# (a segmenter with a dictionary, such as PyThaiNLP's, would count them right).
+UNSPACED = [(0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x3040, 0x30FF), (0x31F0, 0x31FF),
+            (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF66, 0xFF9F), (0x20000, 0x323AF)]
+_UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U000323af"
+_MARKS = _char_class([(0x0300, 0x036F), *UNSPACED[:5]], lambda c: unicodedata.category(c).startswith("M"))
+# a letter of an unspaced script with its combining marks (Thai vowel and tone marks), or a run of
+# word characters of any other script
+WORD = re.compile(rf"(?=\w)[{_UNSPACED}][{_MARKS}]*|(?:(?![{_UNSPACED}])\w)+")
+# .!? before a space or the end; the full-stop marks of CJK (。！？), Devanagari (।॥), Arabic (؟۔),
+# Armenian, Ethiopic, Myanmar and Khmer; and in Thai and Lao, which end sentences with a space and
+# no mark, a space between two of their letters
+SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)|[。！？｡]+|[\u0964\u0965\u061f\u06d4\u0589\u1362\u104b\u17d4\u17d5]+"
+                          r"|(?<=[\u0e01-\u0eff])\s+(?=[\u0e01-\u0eff])")
+# Allowed besides letters, digits and spaces: punctuation and combining marks of every script in the
+# Basic Multilingual Plane (Unicode categories P* and M*, so 。，「」 and Thai vowel marks are no symbols)
+_PUNCTUATION = _char_class([(0x0000, 0xFFFF)], lambda c: unicodedata.category(c)[0] in "PM")
+SYMBOL = re.compile(rf"[^\w\s{_PUNCTUATION}]|_")  # not a letter, digit, space, punctuation or mark
 DIGIT = re.compile(r"\d")
 MINHASH_SCHEME = "affine32"  # datasketch >= 2 asks for it when signatures travel between processes
 
