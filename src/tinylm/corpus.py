@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata, resources
@@ -40,12 +41,23 @@ class Document:
     source: str
 
 
+def split_key(text: str) -> int:
+    """A document's identity for the train/validation split, the same in every stage: a 64-bit hash
+    of its NFC text with runs of whitespace made one space. So a conversation (its messages joined
+    by newlines, see `conversation_text`) and the pretraining document holding the same text have
+    one key, even after `clean` has normalised the document."""
+    canonical = " ".join(unicodedata.normalize("NFC", text).split())
+    return int.from_bytes(hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
 def is_validation(text: str, fraction: float) -> bool:
-    """Stable train/validation split by document: a hash of the text, not its position."""
-    if fraction <= 0:
-        return False
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
+    """Stable train/validation split by document: a hash of the text (`split_key`), not its position."""
+    return fraction > 0 and split_key(text) / 2**64 < fraction
+
+
+def conversation_text(messages: list[dict]) -> str:
+    """A conversation as a pretraining document: its messages' contents, one a line."""
+    return "\n".join(m["content"] for m in messages)
 
 
 def split_documents(cfg: DataConfig) -> Iterator[tuple[Document, bool]]:
@@ -65,6 +77,38 @@ def split_documents(cfg: DataConfig) -> Iterator[tuple[Document, bool]]:
             seen += len(doc.text)
     else:
         raise CorpusError(f"data.val_split must be 'hash' or 'tail', not {cfg.val_split!r}")
+
+
+SPLIT_KEYS = "split_keys.npz"  # beside the shards: the split_key of every training and validation document
+
+
+def record_split(pairs: Iterable[tuple[Document, bool]], keys: dict[str, list[int]]) -> Iterator[tuple[Document, bool]]:
+    """Pass (document, held out) pairs through, appending each document's split_key to keys["val"] or keys["train"]."""
+    for doc, held_out in pairs:
+        keys["val" if held_out else "train"].append(split_key(doc.text))
+        yield doc, held_out
+
+
+def save_split_keys(folder: str | Path, keys: dict[str, list[int]]) -> Path:
+    """Write folder/split_keys.npz (uint64 arrays "train" and "val") atomically."""
+    import numpy as np
+
+    path = Path(folder) / SPLIT_KEYS
+    tmp = path.with_name(f".{SPLIT_KEYS}.tmp.npz")
+    np.savez(tmp, **{split: np.asarray(sorted(set(k)), dtype=np.uint64) for split, k in keys.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def load_split_keys(folder: str | Path) -> dict[str, set[int]] | None:
+    """The split keys saved beside a shard folder, or None when it has none (made before they were kept)."""
+    import numpy as np
+
+    path = Path(folder) / SPLIT_KEYS
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return {split: set(data[split].tolist()) for split in ("train", "val")}
 
 
 def _suffix(path: Path) -> str:
@@ -318,20 +362,9 @@ def builtin_conversations() -> Iterator[tuple[str, list[dict]]]:
 
 
 def builtin_documents() -> Iterator[Document]:
-    """The built-in pretraining corpus: each conversation as plain text, one turn per line."""
-    pending: list[str] = []
-    pending_source = ""
+    """The built-in pretraining corpus: each conversation as plain text, one turn per line.
+
+    One document per conversation, short Q/A pairs too: the built-in SFT corpus holds the same
+    conversations, and a document must be one conversation for both stages to hold it out alike."""
     for source, messages in builtin_conversations():
-        text = "\n".join(m["content"] for m in messages)
-        if source.startswith("chatterbot"):
-            # Q/A pairs are a line or two each: group a file's pairs into one document
-            group = source.split("#")[0]
-            if pending and group != pending_source:
-                yield Document("\n".join(pending), pending_source)
-                pending = []
-            pending.append(text)
-            pending_source = group
-        else:
-            yield Document(text, source)
-    if pending:
-        yield Document("\n".join(pending), pending_source)
+        yield Document(conversation_text(messages), source)

@@ -181,6 +181,14 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
         if cut.get("documents"):
             data.p(f"{cut['documents']:,} documents longer than {cut['max_doc_chars']:,} characters were cut "
                    f"at whitespace into {cut['pieces']:,} pieces (`data.max_doc_chars`).")
+    sft_meta = _json(run.sft_data / "meta.json")
+    if sft_meta:
+        from .conversations import held_out_summary
+
+        val, pre_val = sft_meta["splits"]["val"], shards["splits"]["val"]["docs"] if shards else 0
+        data.p(f"Held out: the tokenizer and pretraining never saw the {pre_val:,} validation documents of "
+               f"`shards/`; fine-tuning (`sft/data/`) {held_out_summary(sft_meta)} "
+               f"({val['conversations']:,} held-out conversations).")
     tok = data_meta["tokenizer"]
     if tok:
         comp = tok.get("held_out_compression", {})
