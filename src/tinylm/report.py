@@ -219,6 +219,9 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
             sec.p(f"{t['step']:,} steps, {t['tokens']:,} tokens in {format_duration(t['elapsed'])} of training; "
                   f"best validation loss {_n(t.get('best_val_loss'))}; newest checkpoint `{ckpt.relative_to(run_dir)}` "
                   f"({ran_on}, compile {tc['compile']}).")
+            if warning := _shortfall(t, tc):
+                t = head[stage] = {**t, "warning": warning}
+                sec.p(f"Warning: {warning}")
             scores = _json(ckpt / "eval.json")
             if scores:
                 from .evaluate import score_table
@@ -263,6 +266,18 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
     return sections, head
 
 
+def _shortfall(trainer: dict, train_config: dict) -> str | None:
+    """train.shortfall on a checkpoint's trainer state and saved train settings."""
+    import dataclasses
+
+    from .config import TrainConfig
+    from .train import shortfall
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc = TrainConfig(**{k: v for k, v in train_config.items() if k in names})
+    return shortfall(trainer["step"], trainer.get("total_steps"), trainer.get("lr_max", 0.0), tc)
+
+
 def _summary(run_dir: Path, head: dict) -> Section:
     s = Section("Summary")
     s.p(f"Run `{run_dir}`, report written {time.strftime('%Y-%m-%d %H:%M')}.")
@@ -279,7 +294,8 @@ def _summary(run_dir: Path, head: dict) -> Section:
         if stage in head:
             t = head[stage]
             rows.append([stage, format_duration(t["elapsed"]),
-                         f"{t['step']:,} steps, {t['tokens']:,} tokens, best validation loss {_n(t.get('best_val_loss'))}"])
+                         f"{t['step']:,} steps, {t['tokens']:,} tokens, best validation loss {_n(t.get('best_val_loss'))}"
+                         + (f". Warning: {t['warning']}" if t.get("warning") else "")])
     s.table(["stage", "wall time", "result"], rows)
     return s
 
