@@ -179,3 +179,16 @@ def test_eval_of_an_empty_text_file_and_an_empty_validation_split_scores_nothing
     model, _, _ = load_checkpoint(ckpt, "cpu")
     result = shards_bits_per_byte(model, tmp_path / "shards")
     assert result["bits_per_byte"] is None and "validation split" in result["why"]
+
+
+def test_multiple_choice_reports_lm_evaluation_harness_acc_norm_per_character(tokenizer, monkeypatch):
+    """lm-eval's acc_norm divides by len(choice): characters, no leading space; ours by UTF-8 bytes with it."""
+    import tinylm.evaluate as evaluate
+
+    accented, plain = "café crème", "cafe creme"  # 10 characters each; 13 and 11 bytes with the space
+    monkeypatch.setattr(evaluate, "continuation_logprobs", lambda model, pairs: [-10.0, -9.0])
+    result = multiple_choice(uniform_model(tokenizer.vocab_size), tokenizer,
+                             [{"ctx": "Coffee:", "endings": [accented, plain], "label": 0}])
+    assert result["length_normalised"]["accuracy"] == 1.0  # -10/13 > -9/11
+    assert result["lm_eval_acc_norm"]["accuracy"] == 0.0  # -10/10 < -9/10
+    assert result["raw"]["accuracy"] == 0.0

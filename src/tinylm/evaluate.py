@@ -182,7 +182,15 @@ def _choice_item(row: dict, where: str) -> tuple[str, list[str], int]:
 
 
 def multiple_choice(model: Transformer, tok: Tokenizer, rows: list[dict], source: str = "") -> dict:
-    """Pick the ending with the highest log-likelihood: raw, and per byte of the ending (length-normalised)."""
+    """Pick the ending with the highest log-likelihood, three ways:
+
+    - "raw": the summed log-likelihood of the ending's tokens (lm-evaluation-harness's `acc`);
+    - "length_normalised" (ours): divided by the UTF-8 bytes of the ending as scored, with its
+      leading space, the unit of bits-per-byte, so it does not depend on the tokenizer;
+    - "lm_eval_acc_norm": divided by the characters (code points) of the ending without the leading
+      space, as lm-evaluation-harness's `acc_norm` does (`completion_len = len(choice)` in
+      `ConfigurableTask.process_results`): the figure published scores report.
+    The two normalisations differ only where endings differ in non-ASCII characters or by the space."""
     items = []
     for number, row in enumerate(rows, 1):
         try:
@@ -191,14 +199,17 @@ def multiple_choice(model: Transformer, tok: Tokenizer, rows: list[dict], source
             raise ValueError(f"{source}:{number}: {e}") from None
     pairs = [([tok.bos_id, *tok.encode(ctx)], tok.encode(" " + ending)) for ctx, endings, _ in items for ending in endings]
     scores = iter(continuation_logprobs(model, pairs))
-    raw, norm, chance = [], [], 0.0
+    raw, norm, lm_eval, chance = [], [], [], 0.0
     for ctx, endings, label in items:
         s = [next(scores) for _ in endings]
         per_byte = [x / max(1, len((" " + e).encode("utf-8"))) for x, e in zip(s, endings)]
+        per_char = [x / max(1, len(e)) for x, e in zip(s, endings)]
         raw.append(max(range(len(s)), key=s.__getitem__) == label)
         norm.append(max(range(len(s)), key=per_byte.__getitem__) == label)
+        lm_eval.append(max(range(len(s)), key=per_char.__getitem__) == label)
         chance += 1 / len(endings) / len(items)
-    return {"raw": accuracy(raw, chance), "length_normalised": accuracy(norm, chance)}
+    return {"raw": accuracy(raw, chance), "length_normalised": accuracy(norm, chance),
+            "lm_eval_acc_norm": accuracy(lm_eval, chance)}
 
 
 def shards_bits_per_byte(model: Transformer, shards_dir: str | Path, batch_size: int = 8, max_windows: int = 0) -> dict:
