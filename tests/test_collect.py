@@ -129,6 +129,7 @@ def test_a_page_is_decoded_by_its_own_charset_declaration(site, tmp_path):
     (b'\xef\xbb\xbf<meta charset="windows-1252"><p>Caf\xc3\xa9</p>', "text/html; charset=windows-1252", "byte-order mark: utf-8"),
     (b'<meta http-equiv="Content-Type" content="text/html; charset=windows-1252"><p>Caf\xe9</p>', "text/html", "page declaration: cp1252"),
     (b'<?xml version="1.0" encoding="ISO-8859-1"?><p>Caf\xe9</p>', None, "page declaration: cp1252"),
+    (b'<meta charset="utf-16"><p>Caf\xc3\xa9</p>', None, "page declaration: utf-8"),  # read as ASCII, so not UTF-16
     # a declaration the bytes contradict is passed over rather than turned into U+FFFD
     (b'<meta charset="utf-8"><p>Caf\xe9 cr\xe8me br\xfbl\xe9e, a dessert of custard under caramel</p>', None, "detected"),
 ])

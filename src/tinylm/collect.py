@@ -9,8 +9,8 @@ The web is fetched politely: a real User-Agent, timeouts, retries with exponenti
 timeouts and 5xx answers, robots.txt respected, and at most one request per `per_host_delay`
 seconds to any host. Main text is extracted with trafilatura, a maintained extractor that drops
 navigation, footers and boilerplate (BeautifulSoup's get_text, the second seed's choice, keeps them).
-A page is decoded from its bytes as the HTML standard says (HTTP header, byte-order mark, the page's
-own declaration), then by charset-normalizer's detection; each record says which decided.
+A page is decoded from its bytes as the HTML standard says (a byte-order mark, the HTTP header, the
+page's own declaration), then by charset-normalizer's detection; each record says which decided.
 """
 
 from __future__ import annotations
@@ -119,10 +119,10 @@ def _codec(label: str | None) -> str | None:
         return None
 
 
-def page_encodings(content: bytes, content_type: str | None) -> list[tuple[str, str]]:
-    """(where it came from, codec) in the order the HTML standard trusts them: the HTTP header's
-    charset, a byte-order mark, the page's own <meta charset> or XML declaration (within its first
-    4 KB), then charset-normalizer's guess from the bytes."""
+def page_encodings(content: bytes, content_type: str | None) -> Iterator[tuple[str, str]]:
+    """(where it came from, codec) in the order the HTML standard trusts them: a byte-order mark, the
+    HTTP header's charset, the page's own <meta charset> or XML declaration (within its first 4 KB),
+    then charset-normalizer's guess from the bytes (run only when the others did not decode)."""
     found = []
     header = re.search(r"charset\s*=\s*[\"']?([^\s;\"']+)", content_type or "", re.IGNORECASE)
     if header and (codec := _codec(header.group(1))):
@@ -134,27 +134,28 @@ def page_encodings(content: bytes, content_type: str | None) -> list[tuple[str, 
     head = content[:4096]
     declared = XML_ENCODING.search(head) or META_CHARSET.search(head)
     if declared and (codec := _codec(declared.group(1).decode("ascii", "replace"))):
-        found.append(("page declaration", "utf-8" if codec.startswith("utf_16") else codec))  # an ASCII-compatible page cannot be UTF-16
+        found.append(("page declaration", "utf-8" if codec.startswith(("utf-16", "utf-32")) else codec))  # read as ASCII: not UTF-16
+    yield from found
     from charset_normalizer import from_bytes
 
     best = from_bytes(content).best()
     if best is not None and (codec := _codec(best.encoding)):
-        found.append(("detected", codec))
-    return found
+        yield "detected", codec
 
 
 def decode_page(content: bytes, content_type: str | None = None) -> tuple[str, str]:
     """(text, where its encoding came from). The first encoding (see page_encodings) that decodes
     every byte wins, so no U+FFFD appears that the page did not hold; only when none does is the
     first one applied with replacement characters ("... with replacements")."""
-    candidates = page_encodings(content, content_type) or [("default", "utf-8")]
-    for where, codec in candidates:
+    first = None
+    for where, codec in page_encodings(content, content_type):
+        first = first or (where, codec)
         try:
             text = content.decode(codec)
         except (UnicodeDecodeError, LookupError):
             continue
         return text.removeprefix("\ufeff"), f"{where}: {codec}"
-    where, codec = candidates[0]
+    where, codec = first or ("default", "utf-8")
     return content.decode(codec, "replace").removeprefix("\ufeff"), f"{where}: {codec} with replacements"
 
 
