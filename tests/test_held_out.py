@@ -67,3 +67,4 @@ def test_sft_shards_say_what_was_held_out_from_what(tokenizer, tmp_path):
     summary = held_out_summary(meta)
     assert "5 are pretraining validation documents (held out of both stages)" in summary
     assert "25 are pretraining training documents" in summary
+    assert summary.endswith("0 held-out conversations are pretraining training documents")

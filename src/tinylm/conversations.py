@@ -186,7 +186,7 @@ def held_out_summary(meta: dict) -> str:
             f"pretraining validation documents (held out of both stages), {val.get('not in pretraining', 0):,} are not "
             f"pretraining documents; of {sum(train.values()):,} training conversations "
             f"{train.get('pretraining training document', 0):,} are pretraining training documents; "
-            "no held-out conversation is a pretraining training document")
+            f"{val.get('pretraining training document', 0):,} held-out conversations are pretraining training documents")
 
 
 @dataclass
