@@ -114,6 +114,12 @@ def test_a_starved_run_is_named_in_the_log_and_the_report(prepared, tmp_path, ca
     assert 0 < summary["steps"] < 100_000
     log = capsys.readouterr()
     assert f"WARNING pretrain: starved run: stopped after {summary['steps']:,} of 100,000 planned steps" in log.out + log.err
+    from tinylm.evaluate import evaluate_checkpoint
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    evaluate_checkpoint(summary["checkpoint"], texts=[str(empty)])
     _, md_path = write_report(run)
     md = md_path.read_text(encoding="utf-8")
     assert md.count("starved run") >= 2 and "of its peak train.lr" in md  # the stage section and the summary
+    assert "no score: " in md and "empty.txt: no document with text to score" in md  # not 0.0000
