@@ -64,12 +64,16 @@ _UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u
 _MARKS = _char_class([(0x0300, 0x036F), *UNSPACED[:5]], lambda c: unicodedata.category(c).startswith("M"))
 # a letter of an unspaced script with its combining marks (Thai vowel and tone marks), or a run of
 # word characters of any other script
-WORD = re.compile(rf"(?=\w)[{_UNSPACED}][{_MARKS}]*|(?:(?![{_UNSPACED}])\w)+")
+WORD = re.compile(rf"[^\W{_UNSPACED}]+|(?=\w)[{_UNSPACED}][{_MARKS}]*")
 # .!? before a space or the end; the full-stop marks of CJK (。！？), Devanagari (।॥), Arabic (؟۔),
 # Armenian, Ethiopic, Myanmar and Khmer; and in Thai and Lao, which end sentences with a space and
 # no mark, a space between two of their letters
-SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)|[。！？｡]+|[\u0964\u0965\u061f\u06d4\u0589\u1362\u104b\u17d4\u17d5]+"
-                          r"|(?<=[\u0e01-\u0eff])\s+(?=[\u0e01-\u0eff])")
+_STOPS = "。！？｡\u0964\u0965\u061f\u06d4\u0589\u1362\u104b\u17d4\u17d5"
+_THAI_LAO = "\u0e01-\u0eff"
+SENTENCE_END = re.compile(rf"[.!?{_STOPS}{_THAI_LAO}]"  # one class first, so the scan skips to candidates fast
+                          rf"(?:(?<=[.!?])[.!?]*(?:\s|$)"  # .!? before a space or the end
+                          rf"|(?<=[{_STOPS}])[{_STOPS}]*"  # another script's full stop, anywhere
+                          rf"|(?<=[{_THAI_LAO}])\s+(?=[{_THAI_LAO}]))")  # a Thai or Lao letter and the spaces after it
 # Allowed besides letters, digits and spaces: punctuation and combining marks of every script in the
 # Basic Multilingual Plane (Unicode categories P* and M*, so 。，「」 and Thai vowel marks are no symbols)
 _PUNCTUATION = _char_class([(0x0000, 0xFFFF)], lambda c: unicodedata.category(c)[0] in "PM")
