@@ -60,7 +60,7 @@ def _char_class(ranges: list[tuple[int, int]], keep=lambda c: True) -> str:
 # (a segmenter with a dictionary, such as PyThaiNLP's, would count them right).
 UNSPACED = [(0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x3040, 0x30FF), (0x31F0, 0x31FF),
             (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF66, 0xFF9F), (0x20000, 0x323AF)]
-_UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U000323af"
+_UNSPACED = "".join(f"{chr(a)}-{chr(b)}" for a, b in UNSPACED)  # none of them is special in a class
 _MARKS = _char_class([(0x0300, 0x036F), *UNSPACED[:5]], lambda c: unicodedata.category(c).startswith("M"))
 # a letter of an unspaced script with its combining marks (Thai vowel and tone marks), or a run of
 # word characters of any other script
