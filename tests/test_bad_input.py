@@ -1,6 +1,7 @@
 """Bad input gets a clear error that names the file (and line and field where there is one), and
 loses nothing: no half-written output is ever left where a later stage would read it."""
 
+import gzip
 import json
 import os
 import resource
@@ -12,6 +13,9 @@ import pytest
 
 from tinylm.checkpoint import latest_checkpoint
 from tinylm.cli import main
+from tinylm.config import DataConfig
+from tinylm.conversations import read_conversations
+from tinylm.corpus import read_documents
 
 
 def _run(capsys, *args) -> tuple[int, str]:
@@ -40,12 +44,36 @@ def test_a_corpus_smaller_than_one_batch_says_what_to_change(tmp_path, capsys):
     (b'{"text": "fine"}\n{"txt": "wrong field"}\n', "bad.jsonl:2: no field 'text'"),
     (b'{"text": "fine"}\n{"text": ["not", "a", "string"]}\n', "bad.jsonl:2: field 'text' must be a string"),
     (b'{"text": "fine"}\n{"text": "\xff\xfe bytes"}\n', "bad.jsonl:2: not valid UTF-8"),
+    (b'{"text": "fine"}\n{"text": "half a pair \\ud83d here"}\n', "bad.jsonl:2: field text (character 12: \\ud83d) holds a lone surrogate"),
 ])
 def test_a_bad_corpus_line_is_named(tmp_path, capsys, content, where):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content)
     code, err = _run(capsys, "--out", str(tmp_path / "run"), f"--data.corpus={bad}")
     assert code == 2 and where in err, err
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("name, content", [
+    ("bom.jsonl", BOM + b'{"text": "First document."}\n{"text": "Second."}\n'),
+    ("bom.txt", BOM + b"First document.\n<|endoftext|>\nSecond.\n"),
+    ("bom.json", BOM + b'[{"content": "First document."}, {"content": "Second."}]'),
+    ("bom.jsonl.gz", gzip.compress(BOM + b'{"text": "First document."}\n{"text": "Second."}\n')),
+])
+def test_a_file_that_starts_with_a_byte_order_mark_is_read_from_its_first_letter(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    texts = [d.text for d in read_documents(DataConfig(corpus=[str(path)]))]
+    assert texts == ["First document.", "Second."]
+
+
+def test_a_conversation_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes(BOM + json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                    {"role": "assistant", "content": "Hello"}]}).encode() + b"\n")
+    assert [c.messages[0]["content"] for c in read_conversations([str(path)])] == ["Hi"]
 
 
 def test_a_full_disk_while_saving_keeps_no_half_checkpoint(prepared, tmp_path):

@@ -2,6 +2,8 @@
 
 import json
 import random
+import re
+import unicodedata
 
 import pytest
 
@@ -137,3 +139,50 @@ def test_clean_verb_checks_a_benchmark_file(tmp_path, capsys):
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["contamination"]["bench.jsonl"]["contaminated"] == 1
     assert "1 of 2 bench.jsonl documents" in capsys.readouterr().out
+
+
+# Paragraphs in scripts written without spaces between words: each passes every rule, as GOOD does
+CHINESE = ("小明每天早上七点起床，先吃早饭，然后骑自行车去学校。他最喜欢的课是数学，因为老师讲得很清楚。"
+           "下午放学以后，他常常和朋友们一起在公园里踢足球。晚上回家，他先做完作业，再看一会儿书。"
+           "周末的时候，他会跟爸爸妈妈去爷爷奶奶家吃饭，大家一起聊天，非常开心。")
+JAPANESE = ("私は毎朝七時に起きて、朝ごはんを食べてから学校へ行きます。学校では友達と一緒に勉強したり、"
+            "昼休みにサッカーをしたりします。放課後は図書館で本を読むのが好きです。"
+            "週末には家族と一緒に公園へ行って、お弁当を食べながらゆっくり過ごします。")
+THAI = ("ทุกเช้าฉันตื่นนอนตอนเจ็ดโมง แล้วกินข้าวเช้ากับครอบครัว หลังจากนั้นฉันเดินไปโรงเรียนกับเพื่อน "
+        "ที่โรงเรียนเราเรียนภาษาไทยและคณิตศาสตร์ ตอนเย็นฉันชอบอ่านหนังสือที่ห้องสมุด "
+        "วันหยุดเราไปเที่ยวสวนสาธารณะและกินอาหารอร่อยด้วยกัน")
+
+
+@pytest.mark.parametrize("text, language", [(CHINESE, "zh"), (JAPANESE, "ja"), (THAI, "th")])
+def test_text_without_spaces_between_words_is_kept_in_its_language(text, language):
+    cfg = CleanConfig(languages=[language, "en"])
+    assert failed_rule(normalise(text, cfg), cfg) is None
+    assert failed_rule(normalise(GOOD, cfg), cfg) is None
+
+
+@pytest.mark.parametrize("text, sentence_ends", [(CHINESE, 5), (JAPANESE, 4), (THAI, 5), (GOOD, 6)])
+def test_words_and_sentences_are_counted_in_every_script(text, sentence_ends):
+    from tinylm.clean import SENTENCE_END, WORD
+
+    assert len(SENTENCE_END.findall(text)) == sentence_ends  # Thai: the spaces between its clauses
+    words = WORD.findall(text)
+    assert 60 <= len(words) <= 200  # a letter per word in the unspaced scripts; marks go with their letter
+    assert not any(unicodedata.category(w[0]).startswith("M") for w in words)
+
+
+@pytest.mark.parametrize("text", [CHINESE, JAPANESE, THAI])
+def test_each_filter_catches_its_case_in_scripts_without_spaces(text):
+    cfg = CleanConfig()
+    first = re.split(r"(?<=。)|(?<=\S) (?=\S)", text)[0]
+    assert failed_rule(normalise("\n".join([first] * 8 + [text]), cfg), cfg) == "repeated_lines"
+    assert failed_rule(normalise(text.replace("。", "").replace(" ", "") * 2, cfg), cfg) == "long_sentences"
+    assert failed_rule(normalise(text + " @@@ ### ~~~ ^^^ " * 6, cfg), cfg) == "symbols"
+    assert failed_rule(normalise(text + " 1234567890 9876543210 " * 8, cfg), cfg) == "digits"
+    if text != THAI:  # a Thai word is several letters, each counted as a word: a Thai menu passes
+        assert failed_rule(normalise("首页。关于。联系。登录。" * 12, cfg), cfg) == "short_sentences"
+
+
+def test_a_near_copy_in_chinese_is_a_near_duplicate(tmp_path):
+    copy = CHINESE.replace("足球", "篮球")
+    report, kept = run(tmp_path, [CHINESE * 2, copy * 2, JAPANESE * 2])
+    assert [k["source"] for k in kept] == ["doc0", "doc2"] and report["dropped"]["near_duplicate"]["docs"] == 1

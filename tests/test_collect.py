@@ -14,7 +14,7 @@ pytest.importorskip("trafilatura")
 pytest.importorskip("datasets")
 
 from tinylm.cli import main  # noqa: E402
-from tinylm.collect import USER_AGENT, collect  # noqa: E402
+from tinylm.collect import USER_AGENT, collect, decode_page  # noqa: E402
 from tinylm.config import CollectConfig  # noqa: E402
 
 ARTICLE = "The red fox lives in forests and fields. It hunts small animals at night. " * 6
@@ -22,6 +22,12 @@ PAGE = f"""<html><head><title>Foxes</title></head><body>
 <nav>Home | About | Contact | Login</nav>
 <article><h1>Foxes</h1><p>{ARTICLE}</p><p>Foxes are clever and quick, and they can adapt to cities.</p></article>
 <footer>Copyright 2026. All rights reserved. Cookie settings.</footer></body></html>"""
+
+
+CAFE = "Café crème brûlée"
+CAFE_PAGE = (f"<html><head><title>{CAFE}</title></head><body><article><h1>{CAFE}</h1>"
+             + f"<p>{CAFE} is served at the café on the corner every morning, with a “fresh” croissant. </p>" * 6
+             + "</article></body></html>")
 
 
 class Site(BaseHTTPRequestHandler):
@@ -32,7 +38,7 @@ class Site(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status, body, kind="text/html"):
-        data = body.encode()
+        data = body if isinstance(body, bytes) else body.encode()
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
@@ -57,6 +63,10 @@ class Site(BaseHTTPRequestHandler):
             return self._send(200, PAGE)
         if url.path == "/flaky.html" and Site.hits[url.path] == 1:
             return self._send(500, "oops")
+        if url.path == "/cafe.html":  # the charset only in the page, bytes in windows-1252
+            return self._send(200, CAFE_PAGE.replace("<head>", '<head><meta charset="windows-1252">').encode("cp1252"))
+        if url.path == "/cafe-header.html":  # only the HTTP header says latin-1 (a browser reads windows-1252)
+            return self._send(200, CAFE_PAGE.encode("cp1252"), "text/html; charset=ISO-8859-1")
         if url.path in ("/fox.html", "/flaky.html", "/private/secret.html"):
             return self._send(200, PAGE)
         return self._send(404, "not here")
@@ -103,6 +113,29 @@ def test_web_pages_robots_timeouts_and_retries(site, tmp_path):
     assert "/private/secret.html" not in Site.hits  # never fetched
     assert Site.hits["/slow.html"] == 3 and Site.hits["/flaky.html"] == 2  # retried; the 500 then succeeded
     assert set(Site.agents) == {USER_AGENT}
+
+
+def test_a_page_is_decoded_by_its_own_charset_declaration(site, tmp_path):
+    manifest = collect(CollectConfig(urls=[f"{site}/cafe.html", f"{site}/cafe-header.html"], **FAST), tmp_path)
+    meta_page, header_page = records(tmp_path, next(iter(manifest["sources"])))
+    for doc in (meta_page, header_page):
+        assert CAFE in doc["text"] and "“fresh”" in doc["text"] and "\ufffd" not in doc["text"], doc["text"]
+    assert meta_page["encoding"] == "page declaration: cp1252" and header_page["encoding"] == "http header: cp1252"
+
+
+@pytest.mark.parametrize("content, content_type, decided", [
+    # the header outranks the page; a byte-order mark outranks both
+    (b'<meta charset="utf-8"><p>Caf\xe9</p>', "text/html; charset=windows-1252", "http header: cp1252"),
+    (b'\xef\xbb\xbf<meta charset="windows-1252"><p>Caf\xc3\xa9</p>', "text/html; charset=windows-1252", "byte-order mark: utf-8"),
+    (b'<meta http-equiv="Content-Type" content="text/html; charset=windows-1252"><p>Caf\xe9</p>', "text/html", "page declaration: cp1252"),
+    (b'<?xml version="1.0" encoding="ISO-8859-1"?><p>Caf\xe9</p>', None, "page declaration: cp1252"),
+    (b'<meta charset="utf-16"><p>Caf\xc3\xa9</p>', None, "page declaration: utf-8"),  # read as ASCII, so not UTF-16
+    # a declaration the bytes contradict is passed over rather than turned into U+FFFD
+    (b'<meta charset="utf-8"><p>Caf\xe9 cr\xe8me br\xfbl\xe9e, a dessert of custard under caramel</p>', None, "detected"),
+])
+def test_page_encoding_order(content, content_type, decided):
+    text, where = decode_page(content, content_type)
+    assert where.startswith(decided) and "Caf\u00e9" in text and "\ufffd" not in text and not text.startswith("\ufeff")
 
 
 def test_interrupted_web_collection_resumes_without_refetching(site, tmp_path, monkeypatch):

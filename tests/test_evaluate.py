@@ -139,3 +139,56 @@ def test_eval_verb_on_a_trained_checkpoint(prepared, tmp_path, capsys):
     assert results["blimp:blimp.jsonl"]["n"] == 10 and results["choice:hellaswag_sample.jsonl"]["raw"]["n"] == 10
     assert results["validation_shards"]["bits_per_byte"] > 0
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_nothing_to_score_gives_no_score_and_says_why(tokenizer):
+    from tinylm.evaluate import format_score, score_table
+
+    model = uniform_model(tokenizer.vocab_size)
+    results = {"text:empty.txt": bits_per_byte(model, tokenizer, [], source="empty.txt"),
+               "chat:none.jsonl": chat_loss(model, []),
+               "blimp:none.jsonl": minimal_pairs(model, tokenizer, [])}
+    assert results["text:empty.txt"]["bits_per_byte"] is None and results["text:empty.txt"]["n"] == 0
+    assert results["chat:none.jsonl"]["loss"] is None and results["blimp:none.jsonl"]["accuracy"] is None
+    lines = [format_score(row) for row in score_table(results)]
+    assert all("no score, n=0" in line and "0.0000" not in line for line in lines), lines
+    assert "empty.txt: no document with text to score" in lines[0]
+
+
+def test_eval_of_an_empty_text_file_and_an_empty_validation_split_scores_nothing(prepared, tmp_path, capsys):
+    from tinylm.cli import main
+    from tinylm.evaluate import shards_bits_per_byte
+    from tinylm.pipeline import pretrain
+    from tinylm.shards import build_shards
+
+    cfg = tiny_config(prepared["cfg"].data.corpus[0], **{"train.max_steps": 2})
+    ckpt = pretrain(cfg, prepared["shards"], tmp_path / "pretrain")["checkpoint"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert main(["eval", ckpt, "--text", str(empty)]) == 0
+    out = capsys.readouterr().out
+    assert "bits/byte: no score, n=0" in out and "0.0000" not in out, out
+    saved = json.loads((tmp_path / "pretrain" / "checkpoints" / "step-0000002" / "eval.json").read_text())
+    assert saved["text:empty.txt"]["bits_per_byte"] is None and "no document" in saved["text:empty.txt"]["why"]
+    from tinylm.corpus import Document
+    from tinylm.checkpoint import load_checkpoint
+
+    one_doc = build_shards([(Document("A single document that is all of the corpus.", "one"), False)],
+                           prepared["tokenizer"], tmp_path / "shards", cfg.data, progress=False)
+    assert one_doc["splits"]["val"]["docs"] == 0
+    model, _, _ = load_checkpoint(ckpt, "cpu")
+    result = shards_bits_per_byte(model, tmp_path / "shards")
+    assert result["bits_per_byte"] is None and "validation split" in result["why"]
+
+
+def test_multiple_choice_reports_lm_evaluation_harness_acc_norm_per_character(tokenizer, monkeypatch):
+    """lm-eval's acc_norm divides by len(choice): characters, no leading space; ours by UTF-8 bytes with it."""
+    import tinylm.evaluate as evaluate
+
+    accented, plain = "café crème", "cafe creme"  # 10 characters each; 13 and 11 bytes with the space
+    monkeypatch.setattr(evaluate, "continuation_logprobs", lambda model, pairs: [-10.0, -9.0])
+    result = multiple_choice(uniform_model(tokenizer.vocab_size), tokenizer,
+                             [{"ctx": "Coffee:", "endings": [accented, plain], "label": 0}])
+    assert result["length_normalised"]["accuracy"] == 1.0  # -10/13 > -9/11
+    assert result["lm_eval_acc_norm"]["accuracy"] == 0.0  # -10/10 < -9/10
+    assert result["raw"]["accuracy"] == 0.0

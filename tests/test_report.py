@@ -87,3 +87,39 @@ def test_report_renders_offline_in_chromium(run_dir, tmp_path):
         browser.close()
     assert shot.stat().st_size > 20_000
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
+
+
+def test_shortfall_says_planned_against_done_and_the_peak_learning_rate():
+    from tinylm.config import TrainConfig
+    from tinylm.train import shortfall
+
+    tc = TrainConfig(lr=1e-3, warmup_steps=300, max_time=60, max_epochs=1)
+    text = shortfall(71, 2433, 0.24e-3, tc)
+    assert "71 of 2,433 planned steps (3%)" in text and "train.max_time=60 s ran out" in text
+    assert "24% of its peak train.lr=0.001" in text and "warm-up of 300 steps outlasted the run" in text
+    assert "raise train.max_time" in text and "train.warmup_steps to at most 7" in text
+    assert shortfall(2433, 2433, 1e-3, tc) is None  # ran as planned and reached its peak
+
+
+def test_a_starved_run_is_named_in_the_log_and_the_report(prepared, tmp_path, capsys):
+    from tinylm.pipeline import pretrain
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in ("shards", "tokenizer"):
+        os.symlink(prepared[stage], run / stage)
+    cfg = tiny_config(prepared["cfg"].data.corpus[0], **{"train.max_steps": 100_000, "train.max_time": 1.5,
+                                                        "train.warmup_steps": 100_000, "train.eval_every": 0})
+    summary = pretrain(cfg, run / "shards", run / "pretrain", tokenizer_dir=run / "tokenizer")
+    assert 0 < summary["steps"] < 100_000
+    log = capsys.readouterr()
+    assert f"WARNING pretrain: starved run: stopped after {summary['steps']:,} of 100,000 planned steps" in log.out + log.err
+    from tinylm.evaluate import evaluate_checkpoint
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    evaluate_checkpoint(summary["checkpoint"], texts=[str(empty)])
+    _, md_path = write_report(run)
+    md = md_path.read_text(encoding="utf-8")
+    assert md.count("starved run") >= 2 and "of its peak train.lr" in md  # the stage section and the summary
+    assert "no score: " in md and "empty.txt: no document with text to score" in md  # not 0.0000

@@ -7,7 +7,7 @@ with a bounded number of batches in flight; the two dedup indexes live in the ma
 documents in corpus order, so the first copy of a document is the one kept. Near-duplicates are
 found with MinHash LSH (`datasketch` signatures and banding, the compact index of dedup.py): each
 document is compared with the few that share a band of its signature, never with every other
-document (the second seed's all-pairs loop is O(n^2)). Memory per kept document: ~200 bytes.
+document (the second seed's all-pairs loop is O(n^2)). Memory per kept document: ~350 bytes.
 """
 
 from __future__ import annotations
@@ -34,9 +34,50 @@ from .shards import run_in_pool
 RULES = ("too_short", "too_long", "too_few_words", "short_sentences", "long_sentences", "few_unique_chars",
          "symbols", "digits", "repeated_lines", "repeated_ngrams", "language", "exact_duplicate", "near_duplicate")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-WORD = re.compile(r"\w+", re.UNICODE)
-SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
-SYMBOL = re.compile(r"[^\w\s.,;:!?'\"()\[\]{}\-–—…/&%]|_")  # not a letter, digit, space or common punctuation
+
+
+# --- words and sentences in every script ------------------------------------------------------------
+def _char_class(ranges: list[tuple[int, int]], keep=lambda c: True) -> str:
+    """A regex character class body (no brackets) of the characters in the ranges that `keep` accepts."""
+    out, start, prev = [], None, None
+    for code in (c for a, b in ranges for c in range(a, b + 1) if keep(chr(c))):
+        if start is not None and code == prev + 1:
+            prev = code
+            continue
+        if start is not None:
+            out.append(re.escape(chr(start)) + (f"-{re.escape(chr(prev))}" if prev > start else ""))
+        start = prev = code
+    if start is not None:
+        out.append(re.escape(chr(start)) + (f"-{re.escape(chr(prev))}" if prev > start else ""))
+    return "".join(out)
+
+
+# Scripts written without spaces between words (scriptio continua): Thai, Lao, Myanmar, Khmer,
+# Hiragana, Katakana and Han. In them every letter counts as one word, the convention of the word
+# counts of Microsoft Word and Google Docs for Chinese and Japanese (a Chinese word is 1-2 characters).
+# A Thai, Lao, Khmer or Myanmar word is several letters, so there the same count overstates words:
+# min_words is lenient, min_sentence_words lets menus through and max_sentence_words is strict
+# (a segmenter with a dictionary, such as PyThaiNLP's, would count them right).
+UNSPACED = [(0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x3040, 0x30FF), (0x31F0, 0x31FF),
+            (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF66, 0xFF9F), (0x20000, 0x323AF)]
+_UNSPACED = "".join(f"{chr(a)}-{chr(b)}" for a, b in UNSPACED)  # none of them is special in a class
+_MARKS = _char_class([(0x0300, 0x036F), *UNSPACED[:5]], lambda c: unicodedata.category(c).startswith("M"))
+# a letter of an unspaced script with its combining marks (Thai vowel and tone marks), or a run of
+# word characters of any other script
+WORD = re.compile(rf"[^\W{_UNSPACED}]+|(?=\w)[{_UNSPACED}][{_MARKS}]*")
+# .!? before a space or the end; the full-stop marks of CJK (。！？), Devanagari (।॥), Arabic (؟۔),
+# Armenian, Ethiopic, Myanmar and Khmer; and in Thai and Lao, which end sentences with a space and
+# no mark, a space between two of their letters
+_STOPS = "。！？｡\u0964\u0965\u061f\u06d4\u0589\u1362\u104b\u17d4\u17d5"
+_THAI_LAO = "\u0e01-\u0eff"
+SENTENCE_END = re.compile(rf"[.!?{_STOPS}{_THAI_LAO}]"  # one class first, so the scan skips to candidates fast
+                          rf"(?:(?<=[.!?])[.!?]*(?:\s|$)"  # .!? before a space or the end
+                          rf"|(?<=[{_STOPS}])[{_STOPS}]*"  # another script's full stop, anywhere
+                          rf"|(?<=[{_THAI_LAO}])\s+(?=[{_THAI_LAO}]))")  # a Thai or Lao letter and the spaces after it
+# Allowed besides letters, digits and spaces: punctuation and combining marks of every script in the
+# Basic Multilingual Plane (Unicode categories P* and M*, so 。，「」 and Thai vowel marks are no symbols)
+_PUNCTUATION = _char_class([(0x0000, 0xFFFF)], lambda c: unicodedata.category(c)[0] in "PM")
+SYMBOL = re.compile(rf"[^\w\s{_PUNCTUATION}]|_")  # not a letter, digit, space, punctuation or mark
 DIGIT = re.compile(r"\d")
 MINHASH_SCHEME = "affine32"  # datasketch >= 2 asks for it when signatures travel between processes
 
@@ -238,7 +279,7 @@ def clean_corpus(docs: Iterable[Document], out_dir: str | Path, cfg: CleanConfig
                 if rule:
                     report.drop(rule, text, source)
                     continue
-                if exact is not None and (same := exact.get(text_key(key))):
+                if exact is not None and len(same := exact.get(text_key(key))):
                     report.drop("exact_duplicate", text, source, kept_sources[same[0]])
                     continue
                 if near is not None:

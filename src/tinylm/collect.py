@@ -9,10 +9,13 @@ The web is fetched politely: a real User-Agent, timeouts, retries with exponenti
 timeouts and 5xx answers, robots.txt respected, and at most one request per `per_host_delay`
 seconds to any host. Main text is extracted with trafilatura, a maintained extractor that drops
 navigation, footers and boilerplate (BeautifulSoup's get_text, the second seed's choice, keeps them).
+A page is decoded from its bytes as the HTML standard says (a byte-order mark, the HTTP header, the
+page's own declaration), then by charset-normalizer's detection; each record says which decided.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
@@ -93,6 +96,69 @@ class Fetcher:
         return parser is None or parser.can_fetch(USER_AGENT, url)
 
 
+# --- decoding a page ------------------------------------------------------------------------------
+# The WHATWG Encoding Standard maps these labels to windows-1252: browsers decode them so, and pages
+# labelled latin-1 routinely hold 0x80-0x9f bytes (curly quotes, euro sign) that only cp1252 defines.
+WINDOWS_1252_LABELS = {"iso-8859-1", "iso8859-1", "latin1", "latin-1", "l1", "ascii", "us-ascii", "cp819", "ibm819"}
+META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9._:-]+)""", re.IGNORECASE)
+XML_ENCODING = re.compile(rb"""^\s*<\?xml[^>]+encoding\s*=\s*["']([A-Za-z0-9._:-]+)""", re.IGNORECASE)
+BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _codec(label: str | None) -> str | None:
+    """A Python codec name for an encoding label, or None when the label names no encoding we know."""
+    if not label:
+        return None
+    label = label.strip().strip("\"'").lower()
+    if label in WINDOWS_1252_LABELS:
+        return "cp1252"
+    try:
+        return codecs.lookup(label).name
+    except LookupError:
+        return None
+
+
+def page_encodings(content: bytes, content_type: str | None) -> Iterator[tuple[str, str]]:
+    """(where it came from, codec) in the order the HTML standard trusts them: a byte-order mark, the
+    HTTP header's charset, the page's own <meta charset> or XML declaration (within its first 4 KB),
+    then charset-normalizer's guess from the bytes (run only when the others did not decode)."""
+    found = []
+    header = re.search(r"charset\s*=\s*[\"']?([^\s;\"']+)", content_type or "", re.IGNORECASE)
+    if header and (codec := _codec(header.group(1))):
+        found.append(("http header", codec))
+    for bom, codec in BOMS:
+        if content.startswith(bom):
+            found.insert(0, ("byte-order mark", codec))  # the standard puts a BOM even before the header
+            break
+    head = content[:4096]
+    declared = XML_ENCODING.search(head) or META_CHARSET.search(head)
+    if declared and (codec := _codec(declared.group(1).decode("ascii", "replace"))):
+        found.append(("page declaration", "utf-8" if codec.startswith(("utf-16", "utf-32")) else codec))  # read as ASCII: not UTF-16
+    yield from found
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(content).best()
+    if best is not None and (codec := _codec(best.encoding)):
+        yield "detected", codec
+
+
+def decode_page(content: bytes, content_type: str | None = None) -> tuple[str, str]:
+    """(text, where its encoding came from). The first encoding (see page_encodings) that decodes
+    every byte wins, so no U+FFFD appears that the page did not hold; only when none does is the
+    first one applied with replacement characters ("... with replacements")."""
+    first = None
+    for where, codec in page_encodings(content, content_type):
+        first = first or (where, codec)
+        try:
+            text = content.decode(codec)
+        except (UnicodeDecodeError, LookupError):
+            continue
+        return text.removeprefix("\ufeff"), f"{where}: {codec}"
+    where, codec = first or ("default", "utf-8")
+    return content.decode(codec, "replace").removeprefix("\ufeff"), f"{where}: {codec} with replacements"
+
+
 # --- sources ---------------------------------------------------------------------------------------
 def from_files(paths: list[str]) -> Iterator[dict]:
     cfg = DataConfig(corpus=paths)
@@ -163,13 +229,14 @@ def from_urls(urls: list[str], fetcher: Fetcher, skipped: list[dict], cache_dir:
         if response is None or response.status_code != 200:
             skipped.append({"url": url, "reason": "failed" if response is None else f"HTTP {response.status_code}"})
             continue
-        text = trafilatura.extract(response.text, url=url, include_comments=False, include_tables=False)
+        html, encoding = decode_page(response.content, response.headers.get("content-type"))
+        text = trafilatura.extract(html, url=url, include_comments=False, include_tables=False)
         if not text:
             skipped.append({"url": url, "reason": "no main text"})
             continue
-        meta = trafilatura.extract_metadata(response.text)
+        meta = trafilatura.extract_metadata(html)
         record = {"text": text, "source": "web", "url": url, "title": getattr(meta, "title", None),
-                  "license": getattr(meta, "license", None), "retrieved_at": _now()}
+                  "license": getattr(meta, "license", None), "encoding": encoding, "retrieved_at": _now()}
         write_json(cached, record)
         yield record
 

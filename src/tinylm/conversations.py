@@ -14,7 +14,6 @@ causal attention no real token sees the padding, and padding never carries loss.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus import BUILTIN, CorpusError, builtin_conversations, corpus_files, is_validation, jsonl_records
+from .corpus import BUILTIN, CorpusError, builtin_conversations, conversation_text, corpus_files, jsonl_records, split_key
 from .data import EpochBatches
 from .files import atomic_dir, read_json, write_json
 from .shards import token_dtype
@@ -77,8 +76,18 @@ def read_conversations(paths: Iterable[str]) -> Iterator[Conversation]:
         yield from read_conversation_file(path)
 
 
-def conversation_key(messages: list[dict]) -> str:
-    return json.dumps(messages, ensure_ascii=False, sort_keys=True)
+def conversation_split(messages: list[dict], val_fraction: float, pretraining: dict[str, set[int]] | None) -> tuple[str, str]:
+    """("val" or "train", why) for a conversation. A conversation that is a pretraining document
+    (same split_key: the same text up to spacing) takes that document's split, so what one stage
+    held out the other never trains on; any other is held out when its key falls under
+    val_fraction, the rule pretraining's "hash" split follows."""
+    key = split_key(conversation_text(messages))
+    if pretraining is not None:
+        if key in pretraining["val"]:
+            return "val", "pretraining validation document"
+        if key in pretraining["train"]:
+            return "train", "pretraining training document"
+    return ("val" if val_fraction > 0 and key / 2**64 < val_fraction else "train"), "not in pretraining"
 
 
 @dataclass
@@ -125,15 +134,21 @@ def fit_to_context(tok: Tokenizer, messages: list[dict], max_tokens: int, stats:
 
 
 def build_sft_shards(conversations: Iterable[Conversation], tok: Tokenizer, out_dir: str | Path, max_tokens: int,
-                     val_fraction: float, extra_meta: dict | None = None) -> dict:
-    """Write `{split}_ids.bin`, `{split}_mask.bin` (uint8) and `{split}_offsets.bin` (int64 row starts)."""
+                     val_fraction: float, extra_meta: dict | None = None,
+                     pretraining: dict[str, set[int]] | None = None) -> dict:
+    """Write `{split}_ids.bin`, `{split}_mask.bin` (uint8) and `{split}_offsets.bin` (int64 row starts).
+
+    `pretraining`: the split keys of the pretraining documents (corpus.load_split_keys); the meta's
+    "held_out" counts each split's conversations by why they went there (see conversation_split)."""
     dtype = token_dtype(tok.vocab_size)
     stats = {"train": FitStats(), "val": FitStats()}
+    why: dict[str, dict[str, int]] = {"train": {}, "val": {}}
     with atomic_dir(out_dir, "sft-data", legacy=("meta.json",)) as tmp:
         files = {s: {k: open(tmp / f"{s}_{k}.bin", "wb") for k in ("ids", "mask")} for s in stats}
         offsets: dict[str, list[int]] = {s: [0] for s in stats}
         for conv in conversations:
-            split = "val" if is_validation(conversation_key(conv.messages), val_fraction) else "train"
+            split, reason = conversation_split(conv.messages, val_fraction, pretraining)
+            why[split][reason] = why[split].get(reason, 0) + 1
             st = stats[split]
             st.conversations += 1
             for ids, mask in fit_to_context(tok, conv.messages, max_tokens, st):
@@ -152,9 +167,26 @@ def build_sft_shards(conversations: Iterable[Conversation], tok: Tokenizer, out_
         if stats["train"].rows == 0:
             raise ValueError("no training conversations with assistant messages")
         meta = {"dtype": dtype.name, "vocab_size": tok.vocab_size, "tokenizer_fingerprint": tok.fingerprint,
-                "max_tokens": max_tokens, "splits": {s: st.as_dict() for s, st in stats.items()}, **(extra_meta or {})}
+                "max_tokens": max_tokens, "splits": {s: st.as_dict() for s, st in stats.items()},
+                "held_out": {"checked_against_pretraining": pretraining is not None, **why}, **(extra_meta or {})}
         write_json(tmp / "meta.json", meta)
     return meta
+
+
+def held_out_summary(meta: dict) -> str:
+    """What the SFT split held out from what, in words (for the log and the run report)."""
+    h = meta.get("held_out")
+    if not h:
+        return "held out by a hash of each conversation (made before the split was checked against pretraining)"
+    if not h["checked_against_pretraining"]:
+        return (f"held out {sum(h['val'].values()):,} conversations by their own hash; no pretraining split was "
+                "found to check them against (a checkpoint outside a run folder)")
+    val, train = h["val"], h["train"]
+    return (f"held out {sum(val.values()):,} conversations: {val.get('pretraining validation document', 0):,} are "
+            f"pretraining validation documents (held out of both stages), {val.get('not in pretraining', 0):,} are not "
+            f"pretraining documents; of {sum(train.values()):,} training conversations "
+            f"{train.get('pretraining training document', 0):,} are pretraining training documents; "
+            f"{val.get('pretraining training document', 0):,} held-out conversations are pretraining training documents")
 
 
 @dataclass

@@ -6,10 +6,13 @@ file, the line and the field.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
 import os
+import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata, resources
@@ -38,12 +41,23 @@ class Document:
     source: str
 
 
+def split_key(text: str) -> int:
+    """A document's identity for the train/validation split, the same in every stage: a 64-bit hash
+    of its NFC text with runs of whitespace made one space. So a conversation (its messages joined
+    by newlines, see `conversation_text`) and the pretraining document holding the same text have
+    one key, even after `clean` has normalised the document."""
+    canonical = " ".join(unicodedata.normalize("NFC", text).split())
+    return int.from_bytes(hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
 def is_validation(text: str, fraction: float) -> bool:
-    """Stable train/validation split by document: a hash of the text, not its position."""
-    if fraction <= 0:
-        return False
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
+    """Stable train/validation split by document: a hash of the text (`split_key`), not its position."""
+    return fraction > 0 and split_key(text) / 2**64 < fraction
+
+
+def conversation_text(messages: list[dict]) -> str:
+    """A conversation as a pretraining document: its messages' contents, one a line."""
+    return "\n".join(m["content"] for m in messages)
 
 
 def split_documents(cfg: DataConfig) -> Iterator[tuple[Document, bool]]:
@@ -65,6 +79,38 @@ def split_documents(cfg: DataConfig) -> Iterator[tuple[Document, bool]]:
         raise CorpusError(f"data.val_split must be 'hash' or 'tail', not {cfg.val_split!r}")
 
 
+SPLIT_KEYS = "split_keys.npz"  # beside the shards: the split_key of every training and validation document
+
+
+def record_split(pairs: Iterable[tuple[Document, bool]], keys: dict[str, list[int]]) -> Iterator[tuple[Document, bool]]:
+    """Pass (document, held out) pairs through, appending each document's split_key to keys["val"] or keys["train"]."""
+    for doc, held_out in pairs:
+        keys["val" if held_out else "train"].append(split_key(doc.text))
+        yield doc, held_out
+
+
+def save_split_keys(folder: str | Path, keys: dict[str, list[int]]) -> Path:
+    """Write folder/split_keys.npz (uint64 arrays "train" and "val") atomically."""
+    import numpy as np
+
+    path = Path(folder) / SPLIT_KEYS
+    tmp = path.with_name(f".{SPLIT_KEYS}.tmp.npz")
+    np.savez(tmp, **{split: np.asarray(sorted(set(k)), dtype=np.uint64) for split, k in keys.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def load_split_keys(folder: str | Path) -> dict[str, set[int]] | None:
+    """The split keys saved beside a shard folder, or None when it has none (made before they were kept)."""
+    import numpy as np
+
+    path = Path(folder) / SPLIT_KEYS
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return {split: set(data[split].tolist()) for split in ("train", "val")}
+
+
 def _suffix(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
@@ -77,12 +123,36 @@ def _open_binary(path: Path):
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a byte-order mark at its start is not text (Windows
+    editors write one), so the first line starts at the character after it."""
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise CorpusError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start})") from None
+
+
+LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(value, where: str) -> str | None:
+    """The field path of the first string holding a lone surrogate (a JSON escape such as \\ud800
+    that is half of a UTF-16 pair: no character, and no UTF-8 encoding), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{where} (character {e.start}: \\u{ord(value[e.start]):04x})"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 def read_text_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
@@ -121,16 +191,21 @@ def _text_of(record, fields: list[str], where: str) -> str:
 
 def jsonl_records(path: str | Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed record) of every non-blank line of a JSON Lines file (optionally .gz): the
-    one JSON Lines reader. Raises CorpusError naming the file and line for bad UTF-8 or bad JSON."""
+    one JSON Lines reader. Raises CorpusError naming the file and line for bad UTF-8, bad JSON or a
+    lone surrogate escape (naming the field too). A UTF-8 byte-order mark at the start is skipped."""
     for lineno, line in _lines(Path(path)):
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         except RecursionError:
             raise CorpusError(f"{path}:{lineno}: JSON nested too deeply to read (thousands of levels)") from None
+        if LONE_SURROGATE_ESCAPE.search(line) and (field := _lone_surrogate(record, "")):
+            raise CorpusError(f"{path}:{lineno}: field {field} holds a lone surrogate escape, which is no "
+                              "character and has no UTF-8 form: write the whole pair (e.g. \\ud83d\\ude00) or the character")
+        yield lineno, record
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, dict]:
@@ -155,9 +230,13 @@ def read_json_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
     import ijson
 
     with _open_binary(path) as f:
+        if f.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+            f.seek(0)
         try:
             for n, record in enumerate(ijson.items(f, "item", use_float=True)):
                 text = _text_of(record, cfg.text_fields, f"{path}: item {n}")
+                if _lone_surrogate(text, ""):
+                    raise CorpusError(f"{path}: item {n}: its text holds a lone surrogate escape (no character, no UTF-8 form)")
                 if text.strip():
                     source = record.get("source") if isinstance(record, dict) else None
                     yield Document(text, f"{path}#{n}" + (f" ({source})" if isinstance(source, str) else ""))
@@ -288,20 +367,9 @@ def builtin_conversations() -> Iterator[tuple[str, list[dict]]]:
 
 
 def builtin_documents() -> Iterator[Document]:
-    """The built-in pretraining corpus: each conversation as plain text, one turn per line."""
-    pending: list[str] = []
-    pending_source = ""
+    """The built-in pretraining corpus: each conversation as plain text, one turn per line.
+
+    One document per conversation, short Q/A pairs too: the built-in SFT corpus holds the same
+    conversations, and a document must be one conversation for both stages to hold it out alike."""
     for source, messages in builtin_conversations():
-        text = "\n".join(m["content"] for m in messages)
-        if source.startswith("chatterbot"):
-            # Q/A pairs are a line or two each: group a file's pairs into one document
-            group = source.split("#")[0]
-            if pending and group != pending_source:
-                yield Document("\n".join(pending), pending_source)
-                pending = []
-            pending.append(text)
-            pending_source = group
-        else:
-            yield Document(text, source)
-    if pending:
-        yield Document("\n".join(pending), pending_source)
+        yield Document(conversation_text(messages), source)

@@ -3,20 +3,27 @@
 datasketch computes the MinHash signatures and chooses the LSH banding (b bands of r rows) for a
 Jaccard threshold. Its own in-memory LSH index keeps Python dicts of byte strings, about 5 KB per
 document (3.8 GB at 1M documents, measured by benchmarks/dedup.py). Here each band of a kept
-document's signature becomes one 64-bit key in a sorted array (12 bytes per band), and the signature
-itself goes to a file that is read back only to verify a candidate. Because candidates are verified
-(estimated Jaccard >= threshold), the banding can favour recall: false candidates cost a disk read,
-not a wrongly dropped document.
+document's signature becomes one 64-bit key in a sorted array (12 bytes per band), the signature
+itself goes to a file that is read back only to verify a candidate, and its low bytes (one per
+permutation) stay in memory. Because candidates are verified (estimated Jaccard >= threshold), the
+banding can favour recall: a false candidate costs a comparison, not a wrongly dropped document.
+
+Every candidate is verified, however many there are: pages built on one template share LSH bands
+by the thousand, and a cap on the candidates checked would keep a near-copy of a page beyond it.
+Checking stays cheap: equal values have equal low bytes, so a candidate whose low bytes agree in
+fewer than threshold x permutations places cannot reach the threshold and is ruled out in memory,
+in one vectorised comparison for all candidates; only the few left are read from disk. The cost
+per document is proportional to its number of candidates (the size of the largest template group
+it belongs to), at about a nanosecond per candidate and permutation.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
-
-MAX_CANDIDATES = 32  # verified per document; a larger bucket only means many near-identical kept documents
 
 
 class KeyIndex:
@@ -36,18 +43,15 @@ class KeyIndex:
     def __len__(self) -> int:
         return len(self.keys) + self.pending
 
-    def get(self, keys: np.ndarray) -> list[int]:
-        """The ids stored under any of the keys, ascending, without repeats."""
-        found: set[int] = set()
+    def get(self, keys: np.ndarray) -> np.ndarray:
+        """The ids stored under any of the keys, ascending, without repeats (uint32)."""
         lo = np.searchsorted(self.keys, keys, "left")
-        for key, start in zip(keys.tolist(), lo.tolist()):
-            end = start
-            while end < len(self.keys) and self.keys[end] == key:
-                end += 1
-            if end > start:
-                found.update(self.ids[start:end].tolist())
-            found.update(self.recent.get(key, ()))
-        return sorted(found)
+        hi = np.searchsorted(self.keys, keys, "right")
+        parts = [self.ids[a:b] for a, b in zip(lo.tolist(), hi.tolist()) if b > a]
+        parts += [np.asarray(ids, np.uint32) for key in keys.tolist() if (ids := self.recent.get(key))]
+        if not parts:
+            return np.empty(0, np.uint32)
+        return np.unique(np.concatenate(parts))
 
     def add(self, keys: np.ndarray, id_: int) -> None:
         for key in keys.tolist():
@@ -93,6 +97,8 @@ class MinHashIndex:
         self.mix = rng.integers(1, 2**63, size=(self.bands, self.rows), dtype=np.uint64) | np.uint64(1)
         self.index = KeyIndex()
         self.count = 0
+        self.low_bytes = np.empty((1024, num_perm), np.uint8)  # grows by doubling
+        self.needed = math.ceil(threshold * num_perm - 1e-9)  # equal values a near-duplicate has at least
         self.fd = os.open(signature_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 
     def band_keys(self, signature: np.ndarray) -> np.ndarray:
@@ -104,15 +110,24 @@ class MinHashIndex:
         return np.frombuffer(os.pread(self.fd, size, id_ * size), dtype=np.uint32)
 
     def find(self, signature: np.ndarray) -> int | None:
-        """The first kept document whose estimated Jaccard similarity reaches the threshold, or None."""
+        """The first kept document whose estimated Jaccard similarity reaches the threshold, or None.
+        Every kept document that shares a band with the signature is considered (no cap)."""
         sig = signature.astype(np.uint32)
-        for candidate in self.index.get(self.band_keys(signature))[:MAX_CANDIDATES]:
-            if np.count_nonzero(self._stored(candidate) == sig) >= self.threshold * self.num_perm:
+        candidates = self.index.get(self.band_keys(signature))
+        if not len(candidates):
+            return None
+        agree = np.count_nonzero(self.low_bytes[candidates] == sig.astype(np.uint8), axis=1)
+        for candidate in candidates[agree >= self.needed].tolist():  # ascending: the first kept copy wins
+            if np.count_nonzero(self._stored(candidate) == sig) >= self.needed:
                 return candidate
         return None
 
     def add(self, signature: np.ndarray) -> int:
-        os.pwrite(self.fd, signature.astype(np.uint32).tobytes(), self.count * self.num_perm * 4)
+        sig = signature.astype(np.uint32)
+        os.pwrite(self.fd, sig.tobytes(), self.count * self.num_perm * 4)
+        if self.count == len(self.low_bytes):
+            self.low_bytes = np.concatenate([self.low_bytes, np.empty_like(self.low_bytes)])
+        self.low_bytes[self.count] = sig.astype(np.uint8)
         self.index.add(self.band_keys(signature), self.count)
         self.count += 1
         return self.count - 1

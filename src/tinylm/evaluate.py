@@ -35,8 +35,15 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def no_score(items: str, why: str) -> dict:
+    """The result of a task with nothing to score: no value (a mean over nothing is not 0), and why."""
+    return {"n": 0, "items": items, "score": None, "why": why}
+
+
 def accuracy(correct: Sequence[bool], chance: float) -> dict:
     k, n = sum(correct), len(correct)
+    if n == 0:
+        return {**no_score("items", "no items to score"), "accuracy": None, "ci95": None, "chance": round(chance, 4)}
     low, high = wilson_interval(k, n)
     return {"accuracy": round(k / n, 4) if n else None, "ci95": [round(low, 4), round(high, 4)], "n": n,
             "chance": round(chance, 4)}
@@ -100,8 +107,13 @@ def _windows(ids: Sequence[int], window: int) -> Iterator[tuple[Sequence[int], l
         yield piece, [0] + [1] * (len(piece) - 1)
 
 
-def _text_score(nll: Sequence[float], tokens: Sequence[int], n_bytes: Sequence[int], vocab: int, items: str) -> dict:
-    """Loss per token and bits per byte with bootstrap intervals over `items`, and a uniform model's figures."""
+def _text_score(nll: Sequence[float], tokens: Sequence[int], n_bytes: Sequence[int], vocab: int, items: str,
+                empty: str = "nothing to score") -> dict:
+    """Loss per token and bits per byte with bootstrap intervals over `items`, and a uniform model's figures;
+    with no token to score, no figures and `empty` as the reason."""
+    if sum(tokens) == 0:
+        return {**no_score(items, empty), "tokens": 0, "bytes": int(sum(n_bytes)), "loss": None, "bits_per_byte": None,
+                "ci95": None, "chance": None}
     total_nll, total_tokens, total_bytes = float(sum(nll)), max(1, sum(tokens)), max(1, sum(n_bytes))
     low, high = bootstrap_ratio(nll, n_bytes)
     return {"n": len(nll), "items": items, "tokens": int(sum(tokens)), "bytes": int(sum(n_bytes)),
@@ -112,9 +124,10 @@ def _text_score(nll: Sequence[float], tokens: Sequence[int], n_bytes: Sequence[i
 
 
 # --- bits per byte on plain text ------------------------------------------------------------------
-def bits_per_byte(model: Transformer, tok: Tokenizer, texts: Iterable[str], batch_size: int = 8) -> dict:
+def bits_per_byte(model: Transformer, tok: Tokenizer, texts: Iterable[str], batch_size: int = 8,
+                  source: str = "the texts") -> dict:
     """Every token of every document after its <|bos|> is scored once, in windows of the context length;
-    the interval resamples documents."""
+    the interval resamples documents. No document (or none with a token after <|bos|>): no score."""
     window = model.cfg.max_seq_len
     rows, doc_of, n_bytes = [], [], []
     for doc, text in enumerate(texts):
@@ -126,7 +139,8 @@ def bits_per_byte(model: Transformer, tok: Tokenizer, texts: Iterable[str], batc
     for doc, (logp, count) in zip(doc_of, masked_logprobs(model, rows, batch_size)):
         nll[doc] -= logp
         tokens[doc] += count
-    return _text_score(nll, tokens, n_bytes, model.cfg.vocab_size, "documents")
+    return _text_score(nll, tokens, n_bytes, model.cfg.vocab_size, "documents",
+                       f"{source}: no document with text to score")
 
 
 # --- task files -----------------------------------------------------------------------------------
@@ -168,7 +182,15 @@ def _choice_item(row: dict, where: str) -> tuple[str, list[str], int]:
 
 
 def multiple_choice(model: Transformer, tok: Tokenizer, rows: list[dict], source: str = "") -> dict:
-    """Pick the ending with the highest log-likelihood: raw, and per byte of the ending (length-normalised)."""
+    """Pick the ending with the highest log-likelihood, three ways:
+
+    - "raw": the summed log-likelihood of the ending's tokens (lm-evaluation-harness's `acc`);
+    - "length_normalised" (ours): divided by the UTF-8 bytes of the ending as scored, with its
+      leading space, the unit of bits-per-byte, so it does not depend on the tokenizer;
+    - "lm_eval_acc_norm": divided by the characters (code points) of the ending without the leading
+      space, as lm-evaluation-harness's `acc_norm` does (`completion_len = len(choice)` in
+      `ConfigurableTask.process_results`): the figure published scores report.
+    The two normalisations differ only where endings differ in non-ASCII characters or by the space."""
     items = []
     for number, row in enumerate(rows, 1):
         try:
@@ -177,14 +199,17 @@ def multiple_choice(model: Transformer, tok: Tokenizer, rows: list[dict], source
             raise ValueError(f"{source}:{number}: {e}") from None
     pairs = [([tok.bos_id, *tok.encode(ctx)], tok.encode(" " + ending)) for ctx, endings, _ in items for ending in endings]
     scores = iter(continuation_logprobs(model, pairs))
-    raw, norm, chance = [], [], 0.0
+    raw, norm, lm_eval, chance = [], [], [], 0.0
     for ctx, endings, label in items:
         s = [next(scores) for _ in endings]
         per_byte = [x / max(1, len((" " + e).encode("utf-8"))) for x, e in zip(s, endings)]
+        per_char = [x / max(1, len(e)) for x, e in zip(s, endings)]
         raw.append(max(range(len(s)), key=s.__getitem__) == label)
         norm.append(max(range(len(s)), key=per_byte.__getitem__) == label)
+        lm_eval.append(max(range(len(s)), key=per_char.__getitem__) == label)
         chance += 1 / len(endings) / len(items)
-    return {"raw": accuracy(raw, chance), "length_normalised": accuracy(norm, chance)}
+    return {"raw": accuracy(raw, chance), "length_normalised": accuracy(norm, chance),
+            "lm_eval_acc_norm": accuracy(lm_eval, chance)}
 
 
 def shards_bits_per_byte(model: Transformer, shards_dir: str | Path, batch_size: int = 8, max_windows: int = 0) -> dict:
@@ -201,13 +226,18 @@ def shards_bits_per_byte(model: Transformer, shards_dir: str | Path, batch_size:
     scored = masked_logprobs(model, rows, batch_size)
     tokens = [count for _, count in scored]
     return _text_score([-logp for logp, _ in scored], tokens, [count * per_token for count in tokens],
-                       model.cfg.vocab_size, "windows")
+                       model.cfg.vocab_size, "windows",
+                       f"the validation split of {shards_dir} is empty ({info.get('docs', 0)} documents held out: "
+                       "the corpus is too small for data.val_fraction to hold one out)")
 
 
 def chat_loss(model: Transformer, rows: Sequence[tuple[Sequence[int], Sequence[int]]], items: str = "conversations") -> dict:
     """Held-out conversations: mean loss on the assistant tokens only (what SFT trains), with a
     bootstrap interval over conversations; chance is a uniform guess over the vocabulary."""
     scored = [(-logp, count) for logp, count in masked_logprobs(model, rows) if count]
+    if not scored:
+        return {**no_score(items, f"no {items} with assistant tokens to score"), "assistant_tokens": 0, "loss": None,
+                "ci95": None, "chance": None}
     nll, counts = [x for x, _ in scored], [n for _, n in scored]
     loss = sum(nll) / max(1, sum(counts))
     low, high = bootstrap_ratio(nll, counts)
@@ -289,7 +319,7 @@ def evaluate_checkpoint(checkpoint: str | Path, texts: Sequence[str] = (), blimp
         results[f"chat:{Path(path).name}"] = chat_loss(model, _conversation_rows(tok, [path], max_items))
     for path in texts:
         docs = read_documents(DataConfig(corpus=[path]))
-        results[f"text:{Path(path).name}"] = bits_per_byte(model, tok, (d.text for d in docs))
+        results[f"text:{Path(path).name}"] = bits_per_byte(model, tok, (d.text for d in docs), source=str(path))
     for path in blimp:
         results[f"blimp:{Path(path).name}"] = minimal_pairs(model, tok, read_jsonl(path, max_items), str(path))
     for spec in choice:
@@ -302,24 +332,28 @@ def evaluate_checkpoint(checkpoint: str | Path, texts: Sequence[str] = (), blimp
 
 
 def score_table(results: dict) -> list[dict]:
-    """One row per score (task, metric, value, interval, items, chance) for printing and the run report."""
+    """One row per score (task, metric, value, interval, items, chance) for printing and the run report;
+    a task with nothing to score has value None and `why` says so."""
     rows = []
     for name, r in results.items():
+        why = {"why": r["why"]} if r.get("why") else {}
         if "bits_per_byte" in r:
             rows.append({"task": name, "metric": "bits/byte", "value": r["bits_per_byte"], "ci95": r.get("ci95"),
                          "n": f"{r['n']:,} {r['items']}" if "n" in r else f"{r['tokens']:,} tokens",
-                         "chance": r.get("chance")})
+                         "chance": r.get("chance"), **why})
         elif "assistant_tokens" in r:
             rows.append({"task": name, "metric": "assistant loss (nats/token)", "value": r["loss"], "ci95": r["ci95"],
-                         "n": f"{r['n']:,} {r['items']}", "chance": r["chance"]})
+                         "n": f"{r['n']:,} {r['items']}", "chance": r["chance"], **why})
         for label, acc in ([("accuracy", r)] if "accuracy" in r else
                            [(f"accuracy {k}", v) for k, v in r.items() if isinstance(v, dict) and "accuracy" in v]):
             rows.append({"task": name, "metric": label.replace("_", "-"), "value": acc["accuracy"], "ci95": acc["ci95"],
-                         "n": f"{acc['n']:,} items", "chance": acc["chance"]})
+                         "n": f"{acc['n']:,} items", "chance": acc["chance"], **({"why": acc["why"]} if acc.get("why") else {})})
     return rows
 
 
 def format_score(row: dict) -> str:
+    if row["value"] is None:
+        return f"{row['task']}: {row['metric']}: no score, n=0: {row.get('why', 'nothing to score')}"
     ci = f" (95% CI {row['ci95'][0]:.3f}-{row['ci95'][1]:.3f}" if row.get("ci95") else " ("
     chance = f", chance {row['chance']:.3f})" if row.get("chance") is not None else ")"
     return f"{row['task']}: {row['metric']} {row['value']:.4f}{ci}, n={row['n']}{chance}"

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .config import Config, ConfigError, to_toml
-from .corpus import corpus_files, files_fingerprint
+from .corpus import SPLIT_KEYS, corpus_files, files_fingerprint, load_split_keys
 from .data import PackedBatches
 from .files import claim_folder, hash_json, output_lock, read_json, write_json, write_text
 from .layout import RunLayout, sft_data
 from .prepare import _fresh, has_sources, prepare_data, say
-from .conversations import SFTBatches, SFTRows, build_sft_shards, read_conversations
+from .conversations import SFTBatches, SFTRows, build_sft_shards, held_out_summary, read_conversations
 from .shards import load_split
 from .tokenizer import Tokenizer
 from .train import Runtime, setup_runtime, train
@@ -66,24 +66,40 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
 
 
 # --- supervised fine-tuning ----------------------------------------------------------------------
-def sft_data_stage(cfg: Config, checkpoint: Path, out_dir: Path, progress: bool = True) -> Path:
-    """Tokenize cfg.sft.corpus with the checkpoint's tokenizer into SFT shards (skipped when up to date)."""
+def pretraining_shards(checkpoint: Path) -> Path | None:
+    """The shard folder a pretrained checkpoint learned from: its run's shards/, if it is in a run folder."""
+    run = RunLayout.of_checkpoint(checkpoint)
+    return run.shards if run is not None and (run.shards / SPLIT_KEYS).is_file() else None
+
+
+def sft_data_stage(cfg: Config, checkpoint: Path, out_dir: Path, progress: bool = True,
+                   pretraining: Path | None = None) -> Path:
+    """Tokenize cfg.sft.corpus with the checkpoint's tokenizer into SFT shards (skipped when up to date).
+
+    A conversation that is also a pretraining document of `pretraining` (a shard folder; by default
+    the checkpoint run's) keeps the split it had there: held out in both stages or in neither."""
     from .checkpoint import checkpoint_model_config
 
     tok = Tokenizer.load(checkpoint)
     max_tokens = checkpoint_model_config(checkpoint).max_seq_len + 1  # inputs and shifted targets
+    pretraining = pretraining or pretraining_shards(checkpoint)
+    keys_file = [str(pretraining / SPLIT_KEYS)] if pretraining else []
     inputs_hash = hash_json({"corpus": files_fingerprint(cfg.sft.corpus), "val_fraction": cfg.sft.val_fraction,
-                             "tokenizer": tok.fingerprint, "max_tokens": max_tokens})
+                             "tokenizer": tok.fingerprint, "max_tokens": max_tokens,
+                             "pretraining_split": files_fingerprint(keys_file)})
     if _fresh(out_dir, inputs_hash):
         say(f"sft data: up to date in {out_dir}")
         return out_dir
     say(f"sft data: rendering conversations from {', '.join(cfg.sft.corpus)}")
     meta = build_sft_shards(read_conversations(cfg.sft.corpus), tok, out_dir, max_tokens, cfg.sft.val_fraction,
-                            extra_meta={"inputs_hash": inputs_hash, "config": dataclasses.asdict(cfg.sft)})
+                            extra_meta={"inputs_hash": inputs_hash, "config": dataclasses.asdict(cfg.sft),
+                                        "pretraining_shards": str(pretraining) if pretraining else None},
+                            pretraining=load_split_keys(pretraining) if pretraining else None)
     for split, st in meta["splits"].items():
         say(f"sft data: {split} {st['conversations']:,} conversations -> {st['rows']:,} rows "
             f"({st['split']} split to fit the context, {st['truncated']} cut, {st['dropped']} without answers dropped), "
             f"{st['assistant_tokens']:,} assistant tokens")
+    say(f"sft data: {held_out_summary(meta)}")
     return out_dir
 
 

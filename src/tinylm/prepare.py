@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from .config import Config, to_toml
-from .corpus import CorpusError, corpus_files, corpus_fingerprint, files_fingerprint, read_documents, split_documents
+from .corpus import (CorpusError, corpus_files, corpus_fingerprint, files_fingerprint, read_documents, record_split,
+                     save_split_keys, split_documents)
 from .files import check_output, claim_folder, hash_json, output_complete, output_lock, read_json, write_json, write_text
 from .layout import RunLayout
 from .shards import build_shards
@@ -94,9 +95,11 @@ def shards_stage(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path, fo
     check_output(out_dir, "shards", inputs=(*corpus_files(cfg.data.corpus), tokenizer_dir), legacy=("meta.json",))
     say(f"shards: tokenizing {', '.join(cfg.data.corpus)}")
     t0 = time.perf_counter()
-    meta = build_shards(split_documents(cfg.data), tokenizer_dir, out_dir, cfg.data, progress=progress,
+    keys: dict[str, list[int]] = {"train": [], "val": []}
+    meta = build_shards(record_split(split_documents(cfg.data), keys), tokenizer_dir, out_dir, cfg.data, progress=progress,
                         extra_meta={"inputs_hash": inputs_hash, "tokenizer_dir": str(tokenizer_dir.resolve()),
                                     "config": data_settings})
+    save_split_keys(out_dir, keys)  # fine-tuning holds out what pretraining held out (conversations.py)
     write_text(out_dir / "config.toml", to_toml(cfg))
     _record_seconds(out_dir, t0)
     tr, va = meta["splits"]["train"], meta["splits"]["val"]

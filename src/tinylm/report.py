@@ -181,6 +181,14 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
         if cut.get("documents"):
             data.p(f"{cut['documents']:,} documents longer than {cut['max_doc_chars']:,} characters were cut "
                    f"at whitespace into {cut['pieces']:,} pieces (`data.max_doc_chars`).")
+    sft_meta = _json(run.sft_data / "meta.json")
+    if sft_meta:
+        from .conversations import held_out_summary
+
+        val, pre_val = sft_meta["splits"]["val"], shards["splits"]["val"]["docs"] if shards else 0
+        data.p(f"Held out: the tokenizer and pretraining never saw the {pre_val:,} validation documents of "
+               f"`shards/`; fine-tuning (`sft/data/`) {held_out_summary(sft_meta)} "
+               f"({val['conversations']:,} held-out conversations).")
     tok = data_meta["tokenizer"]
     if tok:
         comp = tok.get("held_out_compression", {})
@@ -211,11 +219,14 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
             sec.p(f"{t['step']:,} steps, {t['tokens']:,} tokens in {format_duration(t['elapsed'])} of training; "
                   f"best validation loss {_n(t.get('best_val_loss'))}; newest checkpoint `{ckpt.relative_to(run_dir)}` "
                   f"({ran_on}, compile {tc['compile']}).")
+            if warning := _shortfall(t, tc):
+                t = head[stage] = {**t, "warning": warning}
+                sec.p(f"Warning: {warning}")
             scores = _json(ckpt / "eval.json")
             if scores:
                 from .evaluate import score_table
 
-                eval_rows += [[stage, r["task"], r["metric"], _n(r["value"]),
+                eval_rows += [[stage, r["task"], r["metric"], _n(r["value"]) if r["value"] is not None else f"no score: {r['why']}",
                                f"{_n(r['ci95'][0])} – {_n(r['ci95'][1])}" if r.get("ci95") else "–", r["n"], _n(r.get("chance"))]
                               for r in score_table(scores)]
         if records:
@@ -255,6 +266,18 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
     return sections, head
 
 
+def _shortfall(trainer: dict, train_config: dict) -> str | None:
+    """train.shortfall on a checkpoint's trainer state and saved train settings."""
+    import dataclasses
+
+    from .config import TrainConfig
+    from .train import shortfall
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc = TrainConfig(**{k: v for k, v in train_config.items() if k in names})
+    return shortfall(trainer["step"], trainer.get("total_steps"), trainer.get("lr_max", 0.0), tc)
+
+
 def _summary(run_dir: Path, head: dict) -> Section:
     s = Section("Summary")
     s.p(f"Run `{run_dir}`, report written {time.strftime('%Y-%m-%d %H:%M')}.")
@@ -271,7 +294,8 @@ def _summary(run_dir: Path, head: dict) -> Section:
         if stage in head:
             t = head[stage]
             rows.append([stage, format_duration(t["elapsed"]),
-                         f"{t['step']:,} steps, {t['tokens']:,} tokens, best validation loss {_n(t.get('best_val_loss'))}"])
+                         f"{t['step']:,} steps, {t['tokens']:,} tokens, best validation loss {_n(t.get('best_val_loss'))}"
+                         + (f". Warning: {t['warning']}" if t.get("warning") else "")])
     s.table(["stage", "wall time", "result"], rows)
     return s
 

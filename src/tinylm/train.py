@@ -177,6 +177,7 @@ class Progress:
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
     best_val_loss: float = float("inf")
+    lr_max: float = 0.0  # the highest learning rate a step has used
 
 
 def horizon(tc: TrainConfig, tokens_per_step: int, steps_per_epoch: int) -> int | None:
@@ -327,6 +328,7 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
                 _skip_nonfinite(progress, log, loss_value)
                 continue
             progress.nonfinite_in_row = 0
+            progress.lr_max = max(progress.lr_max, lr)
             progress.step += 1
             steps_run += 1
             progress.tokens += tokens
@@ -380,7 +382,30 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
     if rt.is_main:
         log.line(f"{'stopped' if stop.agreed else 'done'}: {progress.step} steps, {progress.tokens:,} tokens in {format_duration(progress.elapsed)}; "
                  f"checkpoint {summary['checkpoint']}")
+        if not stop.agreed and (warning := shortfall(progress.step, total_steps, progress.lr_max, tc)):
+            log.line(f"WARNING {stage}: {warning}")
     return summary
+
+
+def shortfall(done: int, planned: int | None, lr_max: float, tc: TrainConfig) -> str | None:
+    """What a finished run fell short of, in words, with what to change; None when it ran as planned.
+
+    Short of its plan: stopped by train.max_time before the steps that max_steps, max_epochs or
+    max_tokens plan. Short of its learning rate: the highest rate used stayed under train.lr, because
+    the warm-up (train.warmup_steps) outlasted the run."""
+    problems, fixes = [], []
+    if planned and done < planned:
+        problems.append(f"stopped after {done:,} of {planned:,} planned steps ({done / planned:.0%}): "
+                        f"train.max_time={tc.max_time:g} s ran out first")
+        fixes.append(f"raise train.max_time to about {tc.max_time * planned / max(1, done):,.0f} s, or plan fewer steps "
+                     f"(train.max_steps={done:,})")
+    if done and 0 < lr_max < 0.99 * tc.lr:  # 0: a checkpoint from before the highest rate was kept
+        problems.append(f"the learning rate rose to {lr_max:.3g}, {lr_max / tc.lr:.0%} of its peak train.lr={tc.lr:g}: "
+                        f"the warm-up of {tc.warmup_steps:,} steps outlasted the run")
+        fixes.append(f"set train.warmup_steps to at most {max(1, done // 10):,} (a tenth of the steps run)")
+    if not problems:
+        return None
+    return "starved run: " + "; ".join(problems) + ". To change: " + "; ".join(fixes) + "."
 
 
 class StopRequest:
