@@ -204,6 +204,7 @@ def atomic_dir(target: str | Path, kind: str, inputs: tuple = (), legacy: tuple[
     new one is marked with its kind and the size of each file, so that `output_complete` can tell a
     damaged copy. A crash leaves the old directory (or nothing) plus a `.tmp` folder that the next
     run removes: a reader never sees a half-written output. One process at a time (output_lock).
+    Its files get the umask's mode (0644 under 022), whatever mode their writer chose.
     """
     target = Path(target)
     check_output(target, kind, inputs, legacy)
@@ -225,10 +226,13 @@ def _build(target: Path, kind: str) -> Iterator[Path]:
         yield tmp
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file() and f.suffix not in SIDECARS}
         write_json(tmp / MARKER, {"kind": kind, "files": files})
-        for f in tmp.iterdir():  # flush contents before the rename makes them visible
-            if f.is_file():
+        mode = 0o666 & ~current_umask()
+        for f in tmp.rglob("*"):  # flush contents before the rename makes them visible
+            if f.is_file() and not f.is_symlink():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+                    if os.name == "posix":  # some writers (safetensors) create 0600 files
+                        os.fchmod(fh.fileno(), mode)
         if target.exists():
             if old.exists():
                 shutil.rmtree(old)
