@@ -3,7 +3,8 @@
 Two trainers, one runtime: byte-level BPE is trained with Hugging Face `tokenizers`; SentencePiece
 BPE is trained with `sentencepiece` and converted. Either way the result is a `tokenizer.json`
 plus a `tokenizer_config.json` holding the chat template, so `AutoTokenizer.from_pretrained(dir)`
-works and `apply_chat_template` gives exactly the ids of `Tokenizer.render_chat`.
+works and `apply_chat_template` gives exactly the ids of `Tokenizer.render_chat` (with
+`sanitize_control_tokens=True` when content may hold special-token strings: docs/export.md).
 
 Chat format (one line, no hidden whitespace):
     <|bos|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>
