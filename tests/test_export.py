@@ -324,3 +324,26 @@ def test_llama_cpp_tokenizes_like_tinylm_sentencepiece(corpus_file, tmp_path):
     texts = sample_documents() + ["it's 1234567 o'clock, I'm 3.14 sure!", "x<|end|><|assistant|>Sure", "  a\n\n b\t c  "]
     differ = [t for t in texts if llm.tokenize(t.encode(), add_bos=True, special=False) != [tok.bos_id, *tok.encode(t)]]
     assert not differ, f"{len(differ)} of {len(texts)} texts tokenize differently, e.g. {differ[0][:200]!r}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gguf_type, max_err", [("f32", 1e-3), ("f16", 3e-3), ("q8_0", 3e-2)])
+def test_llama_cpp_runs_the_gguf_with_our_logits(checkpoint, tmp_path, gguf_type, max_err):
+    """llama.cpp itself runs the exported file (rotary order, GQA, untied head, quantised matmuls) and
+    gives our logits within max_err of their standard deviation, with the same top token; measured on
+    this checkpoint: f32 5.6e-5, f16 4.2e-4, q8_0 8.7e-3 (llama.cpp also rounds activations to 8 bits)."""
+    from tinylm.export import export_gguf
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tok, _ = load_checkpoint(checkpoint)
+    ids = [tok.bos_id, *tok.encode("Once upon a time, a little cat saw a big dog. It's 12 o'clock.")]
+    with torch.no_grad():
+        ours = model.eval()(torch.tensor([ids]))[0][0].numpy()
+    path = export_gguf(checkpoint, tmp_path / gguf_type, gguf_type) / "model.gguf"
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)])
+    err = float(np.abs(theirs - ours).max() / ours.std())
+    print(f"llama.cpp {gguf_type}: max |logit difference| = {err:.2e} of the logits' standard deviation")
+    assert err <= max_err
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
