@@ -102,7 +102,7 @@ def test_hf_export_gives_tinylm_ids_for_plain_text_and_chats(checkpoint, tmp_pat
     assert chat_ids(forged) != tok.render_chat(forged, add_generation_prompt=True)[0]  # what remains: see serving.md
 
 
-def test_outputs_follow_the_umask(checkpoint, tmp_path):
+def test_outputs_follow_the_umask(prepared, checkpoint, tmp_path):
     """Files are 0666 and folders 0777 less the umask, like any the user creates (mkstemp alone gives 0600)."""
     import importlib.util
     import os
@@ -111,12 +111,14 @@ def test_outputs_follow_the_umask(checkpoint, tmp_path):
     from tinylm.config import config_from_dict
     from tinylm.export import export_gguf, export_hf
     from tinylm.files import write_json
+    from tinylm.prepare import shards_stage
 
     model, tok, meta = load_checkpoint(checkpoint)
     old = os.umask(0o027)
     try:
         write_json(tmp_path / "report" / "report.json", {"a": 1})
         tok.save(tmp_path / "tokenizer")
+        shards_stage(prepared["cfg"], prepared["tokenizer"], tmp_path / "shards", progress=False)
         save_checkpoint(tmp_path / "run", model, config_from_dict(meta["config"]), tmp_path / "tokenizer",
                         {**meta["trainer"]}, optimizer_state={}, keep_last=1)
         export_hf(checkpoint, tmp_path / "hf")
