@@ -1,6 +1,7 @@
-"""Export to transformers: same logits, same greedy tokens, same chat-template ids, no custom code."""
+"""Exports: transformers (same logits, greedy tokens and ids, no custom code) and GGUF (metadata, quantised logits, llama.cpp)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,7 +62,10 @@ def test_exported_directory_loads_with_auto_classes(checkpoint, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(torch.tensor([ours])).logits, model.eval()(torch.tensor([ours]))[0],
                                    atol=1e-4, rtol=1e-4)
-    assert "parameters" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "parameters" in card
+    example = card.split("```python\n")[1].split("```")[0].replace(f"\"{Path(checkpoint).name}\"", repr(str(out)))
+    exec(compile(example, "model card", "exec"), {})  # the card's example runs as written
 
 
 def test_hf_export_gives_tinylm_ids_for_plain_text_and_chats(checkpoint, tmp_path):

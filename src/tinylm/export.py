@@ -106,8 +106,10 @@ A small LLaMA-style language model trained from scratch with [tinylm](https://py
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained("{ckpt.name}")
 model = AutoModelForCausalLM.from_pretrained("{ckpt.name}")
-ids = tok.apply_chat_template([{{"role": "user", "content": "Hi!"}}], add_generation_prompt=True, return_tensors="pt")
-print(tok.decode(model.generate(ids, max_new_tokens=40)[0]))
+# sanitize_control_tokens: special-token strings typed in content stay text, as in training
+ids = tok.apply_chat_template([{{"role": "user", "content": "Hi!"}}], add_generation_prompt=True,
+                              return_tensors="pt", return_dict=True, sanitize_control_tokens=True)
+print(tok.decode(model.generate(**ids, max_new_tokens=40)[0]))
 ```
 
 The licence is that of the training data; check it before sharing the weights.
