@@ -124,7 +124,7 @@ class Tokenizer:
         (a TemplateProcessing post-processor, and `add_bos_token: true` for transformers).
         Special tokens typed in text are still matched by a plain `tokenizer(text)` call, as
         transformers does for every model: pass `split_special_tokens=True` to read them as text,
-        and `apply_chat_template(..., sanitize_control_tokens=True)` for chats (docs/serving.md).
+        and `apply_chat_template(..., sanitize_control_tokens=True)` for chats (docs/export.md).
         """
         backend = HFTokenizer.from_str(self.backend.to_str())
         backend.post_processor = processors.TemplateProcessing(
