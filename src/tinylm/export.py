@@ -1,7 +1,10 @@
-"""Export to Hugging Face `transformers`: a LlamaForCausalLM directory that loads with no custom code.
+"""Export to Hugging Face `transformers` (a LlamaForCausalLM directory that loads with no custom code)
+and to GGUF (llama.cpp, Ollama).
 
 The model's layout and rotary convention are Llama's, so export is a renaming of weights plus a
-config.json. The tokenizer files (with the chat template) are copied from the checkpoint.
+config.json; the tokenizer files hold the chat template and add <|bos|> to plain text, as tinylm
+does. GGUF follows llama.cpp's convert_hf_to_gguf.py: rotary rows reordered to adjacent pairs,
+the tokenizer described the way src/llama-vocab.cpp reads it (docs/export.md).
 """
 
 from __future__ import annotations
@@ -172,7 +175,8 @@ def add_gguf_tokenizer(w, tok: Tokenizer, chat_template: str) -> None:
     import gguf
 
     vocab = sorted(tok.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    assert [i for _, i in vocab] == list(range(len(vocab))), "token ids must be 0..n-1"
+    if [i for _, i in vocab] != list(range(len(vocab))):
+        raise ValueError("GGUF needs token ids 0..n-1 without gaps")
     types = []
     for token, i in vocab:
         if i in tok.special_ids:
