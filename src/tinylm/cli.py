@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p["report"].add_argument("run", help="run directory (the --out of `tinylm run`)")
     p["export"].add_argument("--format", choices=["hf", "gguf"], default="hf",
                              help="hf: transformers LlamaForCausalLM; gguf: llama.cpp / Ollama (needs `pip install gguf`)")
+    p["export"].add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default=None,
+                             help="GGUF weights: f32 (exact, the default), f16, or q8_0 (8-bit blocks, ~1/4 of f32)")
     return parser
 
 
@@ -312,8 +314,11 @@ def cmd_web(args, overrides) -> int:
 def cmd_export(args, overrides) -> int:
     from .export import export_gguf, export_hf
 
+    if args.gguf_type and args.format != "gguf":
+        print("--gguf-type applies to --format gguf only", file=sys.stderr)
+        return 2
     if args.format == "gguf":
-        out = export_gguf(args.checkpoint, args.out or "export/gguf")
+        out = export_gguf(args.checkpoint, args.out or "export/gguf", args.gguf_type or "f32")
         print(f"exported to {out / 'model.gguf'}; `ollama create mymodel -f {out / 'Modelfile'}` makes an Ollama model")
         return 0
     out = export_hf(args.checkpoint, args.out or "export/hf")

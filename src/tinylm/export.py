@@ -1,19 +1,21 @@
-"""Export to Hugging Face `transformers`: a LlamaForCausalLM directory that loads with no custom code.
+"""Export to Hugging Face `transformers` (a LlamaForCausalLM directory that loads with no custom code)
+and to GGUF (llama.cpp, Ollama).
 
 The model's layout and rotary convention are Llama's, so export is a renaming of weights plus a
-config.json. The tokenizer files (with the chat template) are copied from the checkpoint.
+config.json; the tokenizer files hold the chat template and add <|bos|> to plain text, as tinylm
+does. GGUF follows llama.cpp's convert_hf_to_gguf.py: rotary rows reordered to adjacent pairs,
+the tokenizer described the way src/llama-vocab.cpp reads it (docs/export.md).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import TOKENIZER_FILES, find_checkpoint, load_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint
 from .files import atomic_dir, write_json, write_text
 from .layout import checkpoint_name
 from .model import Transformer
@@ -77,8 +79,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         write_json(tmp / "generation_config.json", {
             "bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.end_id], "pad_token_id": tok.pad_id,
             "do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.1})
-        for name in TOKENIZER_FILES:
-            shutil.copy2(ckpt / name, tmp / name)
+        tok.save_for_transformers(tmp, model_max_length=model.cfg.max_seq_len)
         write_text(tmp / "README.md", model_card(model, meta, ckpt))
     return out_dir
 
@@ -108,8 +109,10 @@ A small LLaMA-style language model trained from scratch with [tinylm](https://py
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained("{ckpt.name}")
 model = AutoModelForCausalLM.from_pretrained("{ckpt.name}")
-ids = tok.apply_chat_template([{{"role": "user", "content": "Hi!"}}], add_generation_prompt=True, return_tensors="pt")
-print(tok.decode(model.generate(ids, max_new_tokens=40)[0]))
+# sanitize_control_tokens: special-token strings typed in content stay text, as in training
+ids = tok.apply_chat_template([{{"role": "user", "content": "Hi!"}}], add_generation_prompt=True,
+                              return_tensors="pt", return_dict=True, sanitize_control_tokens=True)
+print(tok.decode(model.generate(**ids, max_new_tokens=40)[0]))
 ```
 
 The licence is that of the training data; check it before sharing the weights.
@@ -141,16 +144,102 @@ def rope_halves_to_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def export_gguf(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """out_dir/model.gguf (fp32) and an example Ollama Modelfile; byte-level BPE tokenizers only."""
+GGUF_TYPES = ("f32", "f16", "q8_0")  # --gguf-type: llama.cpp's convert_hf_to_gguf.py --outtype names
+
+
+def gguf_pre_tokenizer(tok: Tokenizer) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer: the one whose split matches ours.
+
+    tinylm trains with tokenizers' `ByteLevel(add_prefix_space=False, use_regex=True)`, whose regex
+    is GPT-2's (`'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`);
+    llama.cpp's name for that split is "gpt-2" (LLAMA_VOCAB_PRE_TYPE_GPT2 in src/llama-vocab.cpp).
+    "default" would split differently (digits in threes, punctuation apart). Raises ValueError for
+    any other pre-tokenizer rather than guess.
+    """
+    pre = json.loads(tok.backend.to_str()).get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
+        return "gpt-2"
+    raise ValueError(f"no llama.cpp pre-tokenizer is known to match {pre} (tinylm's byte-level BPE uses GPT-2's)")
+
+
+def add_gguf_tokenizer(w, tok: Tokenizer, chat_template: str) -> None:
+    """Vocabulary, merges or scores, token types, special ids and chat template, as llama.cpp reads them.
+
+    Byte-level BPE -> `tokenizer.ggml.model = "gpt2"` with the "gpt-2" pre-tokenizer; SentencePiece
+    BPE -> "llama" (llama.cpp's SPM: pieces merged by score, a space prefix, byte fallback), with
+    score = -id for ordinary pieces, the merge priority tinylm's converted BPE uses. Every special
+    token is CONTROL, so llama.cpp reads typed "<|end|>" as text unless asked to parse specials.
+    `<|eos|>` is the end-of-sequence token and `<|end|>` the end-of-turn one: llama.cpp stops on both
+    (its end-of-generation set is eos + eot + eom).
+    """
+    import gguf
+
+    vocab = sorted(tok.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    if [i for _, i in vocab] != list(range(len(vocab))):
+        raise ValueError("GGUF needs token ids 0..n-1 without gaps")
+    types = []
+    for token, i in vocab:
+        if i in tok.special_ids:
+            types.append(gguf.TokenType.CONTROL)
+        elif tok.kind == "sentencepiece" and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    if tok.kind == "sentencepiece":
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")  # llama.cpp reads a pre-tokenizer for BPE vocabularies only
+        w.add_token_scores([0.0 if t != gguf.TokenType.NORMAL else -float(i) for (_, i), t in zip(vocab, types)])
+        w.add_add_space_prefix(True)  # trained with add_dummy_prefix: Prepend("▁") in tokenizer.json
+        w.add_remove_extra_whitespaces(False)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(gguf_pre_tokenizer(tok))
+        merges = json.loads(tok.backend.to_str())["model"]["merges"]
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_token_list([token for token, _ in vocab])
+    w.add_token_types(types)
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)  # ends a document, as in pretraining
+    w.add_eot_token_id(tok.end_id)  # ends a chat turn
+    w.add_pad_token_id(tok.pad_id)
+    w.add_unk_token_id(tok.unk_id)
+    w.add_add_bos_token(True)  # tinylm trains and scores every text after <|bos|>
+    w.add_add_eos_token(False)
+    w.add_chat_template(chat_template)
+
+
+def gguf_tensor(t: torch.Tensor, gguf_type: str):
+    """A weight as GGUF data and its GGML type, the way llama.cpp's convert_hf_to_gguf.py chooses.
+
+    1-D tensors (norms) stay F32; matrices become F16 or Q8_0 (blocks of 32 values sharing one
+    fp16 scale); a matrix whose rows do not split into whole blocks falls back to F16, as there.
+    """
     import gguf
     import numpy as np
 
+    data = t.detach().float().contiguous().numpy().astype(np.float32)
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
+    if data.ndim <= 1 or qtype == gguf.GGMLQuantizationType.F32:
+        return data, gguf.GGMLQuantizationType.F32
+    try:
+        return gguf.quants.quantize(data, qtype), qtype
+    except gguf.QuantError:
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
+
+
+def export_gguf(checkpoint: str | Path, out_dir: str | Path, gguf_type: str = "f32") -> Path:
+    """out_dir/model.gguf and an example Ollama Modelfile; returns out_dir.
+
+    gguf_type: "f32" (exact), "f16" or "q8_0" (about 1/4 of the f32 size; see gguf_tensor).
+    Raises ValueError for another type or a tokenizer llama.cpp cannot reproduce.
+    """
+    import gguf
+
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"gguf type {gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
     ckpt = find_checkpoint(checkpoint)
     model, tok, _ = load_checkpoint(ckpt)
-    if tok.kind != "bpe":
-        raise ValueError(f"{ckpt}: GGUF export supports byte-level BPE tokenizers; this one is {tok.kind} "
-                         "(export --format hf works for every tokenizer)")
     c = model.cfg
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, "gguf-export", inputs=(ckpt,), legacy=("model.gguf",)) as tmp:
@@ -165,23 +254,14 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         w.add_rope_dimension_count(c.head_dim)
         w.add_rope_freq_base(c.rope_base)
         w.add_layer_norm_rms_eps(c.norm_eps)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32)
-        vocab = sorted(tok.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
-        w.add_token_list([token for token, _ in vocab])
-        w.add_token_types([gguf.TokenType.CONTROL if i in tok.special_ids else gguf.TokenType.NORMAL for _, i in vocab])
-        merges = json.loads(tok.backend.to_str())["model"]["merges"]
-        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-        w.add_bos_token_id(tok.bos_id)
-        w.add_eos_token_id(tok.end_id)  # a chat turn ends with <|end|>
-        w.add_pad_token_id(tok.pad_id)
-        w.add_unk_token_id(tok.unk_id)
-        w.add_add_bos_token(True)
-        w.add_chat_template(json.loads((ckpt / "tokenizer_config.json").read_text())["chat_template"])
+        w.add_vocab_size(c.vocab_size)
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
+        add_gguf_tokenizer(w, tok, json.loads((ckpt / "tokenizer_config.json").read_text())["chat_template"])
 
         def add(name: str, t: torch.Tensor) -> None:
-            w.add_tensor(name, t.detach().float().contiguous().numpy().astype(np.float32))
+            data, qtype = gguf_tensor(t, gguf_type)
+            w.add_tensor(name, data, raw_dtype=qtype)
 
         add("token_embd.weight", model.tok_embeddings.weight)
         add("output_norm.weight", model.norm.weight)

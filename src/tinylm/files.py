@@ -26,11 +26,17 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write a file atomically: a temp file in the same folder, then rename over the target."""
+    """Write a file atomically: a temp file in the same folder, then rename over the target.
+
+    The file gets the mode any file the user creates gets (0666 less the umask: 0644 under umask
+    022), not mkstemp's private 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if os.name == "posix":
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -38,6 +44,17 @@ def write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc where it can be (setting it to read it races with threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: str | Path) -> Any:
@@ -187,6 +204,7 @@ def atomic_dir(target: str | Path, kind: str, inputs: tuple = (), legacy: tuple[
     new one is marked with its kind and the size of each file, so that `output_complete` can tell a
     damaged copy. A crash leaves the old directory (or nothing) plus a `.tmp` folder that the next
     run removes: a reader never sees a half-written output. One process at a time (output_lock).
+    Its files get the umask's mode (0644 under 022), whatever mode their writer chose.
     """
     target = Path(target)
     check_output(target, kind, inputs, legacy)
@@ -208,10 +226,13 @@ def _build(target: Path, kind: str) -> Iterator[Path]:
         yield tmp
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file() and f.suffix not in SIDECARS}
         write_json(tmp / MARKER, {"kind": kind, "files": files})
-        for f in tmp.iterdir():  # flush contents before the rename makes them visible
-            if f.is_file():
+        mode = 0o666 & ~current_umask()
+        for f in tmp.rglob("*"):  # flush contents before the rename makes them visible
+            if f.is_file() and not f.is_symlink():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+                    if os.name == "posix":  # some writers (safetensors) create 0600 files
+                        os.fchmod(fh.fileno(), mode)
         if target.exists():
             if old.exists():
                 shutil.rmtree(old)

@@ -3,7 +3,8 @@
 Two trainers, one runtime: byte-level BPE is trained with Hugging Face `tokenizers`; SentencePiece
 BPE is trained with `sentencepiece` and converted. Either way the result is a `tokenizer.json`
 plus a `tokenizer_config.json` holding the chat template, so `AutoTokenizer.from_pretrained(dir)`
-works and `apply_chat_template` gives exactly the ids of `Tokenizer.render_chat`.
+works and `apply_chat_template` gives exactly the ids of `Tokenizer.render_chat` (with
+`sanitize_control_tokens=True` when content may hold special-token strings: docs/export.md).
 
 Chat format (one line, no hidden whitespace):
     <|bos|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>
@@ -18,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from .config import TokenizerConfig
 from .files import atomic_dir, write_json
@@ -110,21 +111,43 @@ class Tokenizer:
             self.backend.save(str(tmp / "tokenizer.json"))
             if self.sp_model:
                 (tmp / "sentencepiece.model").write_bytes(self.sp_model)
-            special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
-            write_json(tmp / "special_tokens_map.json", special)
-            write_json(tmp / "tokenizer_config.json", {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                **special,
-                "additional_special_tokens": [*ROLE_TOKENS.values(), END],
-                "chat_template": CHAT_TEMPLATE,
-                "model_max_length": model_max_length,
-                "clean_up_tokenization_spaces": False,
-                "add_bos_token": False,
-                "add_eos_token": False,
-            })
+            self._write_transformers_config(tmp, model_max_length, add_bos=False)
             meta = {"kind": self.kind, "vocab_size": self.vocab_size, "special_tokens": SPECIAL_TOKENS,
                     "fingerprint": fingerprint_file(tmp / "tokenizer.json"), **(extra_meta or {})}
             write_json(tmp / "meta.json", meta)
+
+    def save_for_transformers(self, out_dir: str | Path, model_max_length: int = 2048) -> None:
+        """The tokenizer files of a Hugging Face export, into an existing folder.
+
+        Unlike `save`, plain text gets <|bos|> in front, as tinylm trains and scores it:
+        `AutoTokenizer.from_pretrained(out_dir)(text).input_ids == [bos_id, *encode(text)]`
+        (a TemplateProcessing post-processor, and `add_bos_token: true` for transformers).
+        Special tokens typed in text are still matched by a plain `tokenizer(text)` call, as
+        transformers does for every model: pass `split_special_tokens=True` to read them as text,
+        and `apply_chat_template(..., sanitize_control_tokens=True)` for chats (docs/export.md).
+        """
+        backend = HFTokenizer.from_str(self.backend.to_str())
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, self.bos_id)])
+        backend.save(str(Path(out_dir) / "tokenizer.json"))
+        self._write_transformers_config(Path(out_dir), model_max_length, add_bos=True)
+
+    def _write_transformers_config(self, out_dir: Path, model_max_length: int, add_bos: bool) -> None:
+        special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
+        write_json(out_dir / "special_tokens_map.json", special)
+        write_json(out_dir / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "additional_special_tokens": [*ROLE_TOKENS.values(), END],
+            # the template builds role tokens from pieces ('<|' + role + '|>'), so transformers'
+            # sanitize_control_tokens needs them listed (it would infer them from literals otherwise)
+            "chat_control_tokens": SPECIAL_TOKENS,
+            "chat_template": CHAT_TEMPLATE,
+            "model_max_length": model_max_length,
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": add_bos,
+            "add_eos_token": False,
+        })
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -132,15 +155,19 @@ class Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
-        kind = "bpe"
-        meta = file.parent / "meta.json"
-        if meta.is_file():
-            kind = json.loads(meta.read_text()).get("kind", "bpe")
-        return cls(HFTokenizer.from_file(str(file)), kind)
+        backend = HFTokenizer.from_file(str(file))
+        meta = file.parent / "meta.json"  # a checkpoint's meta.json has no "kind": the model tells it
+        kind = json.loads(meta.read_text()).get("kind") if meta.is_file() else None
+        return cls(backend, kind or infer_kind(backend))
 
     @property
     def fingerprint(self) -> str:
         return hashlib.sha256(self.backend.to_str().encode()).hexdigest()[:16]
+
+
+def infer_kind(backend: HFTokenizer) -> str:
+    """"sentencepiece" for a converted SentencePiece model (BPE with byte fallback), else "bpe"."""
+    return "sentencepiece" if json.loads(backend.to_str())["model"].get("byte_fallback") else "bpe"
 
 
 def fingerprint_file(path: Path) -> str:
