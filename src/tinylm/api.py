@@ -201,17 +201,19 @@ class LanguageModel:
         usage.prompt_tokens = len(ids)
         return self._decode(ids, sc, budget, usage, logprobs)
 
+    def _recorder(self, usage: Usage, top: int):
+        """An `observe` for generate_ids that puts each sampled token's TokenScore in `usage.scores`."""
+        def observe(logits: torch.Tensor, nxt: torch.Tensor) -> None:  # (1, V), (1,)
+            usage.scores.append(self._token_score(F.log_softmax(logits[0].float(), dim=-1), int(nxt[0]), top))
+        return observe
+
     def _decode(self, ids: list[int], sc: SampleConfig, budget: int, usage: Usage, logprobs: int | None) -> Iterator[str]:
         tok = self.tokenizer
         stop_ids = [tok.end_id, tok.eos_id]
         hold = max((len(s) for s in sc.stop), default=1) - 1
         generated: list[int] = []
         emitted = 0
-        observe = None
-        if logprobs is not None:
-            def observe(logits: torch.Tensor, nxt: torch.Tensor) -> None:
-                logp = F.log_softmax(logits[0].float(), dim=-1)
-                usage.scores.append(self._token_score(logp, int(nxt[0]), logprobs))
+        observe = None if logprobs is None else self._recorder(usage, logprobs)
         steps = generate_ids(self.model, [ids], sc, stop_ids=stop_ids, max_new_tokens=budget, observe=observe) if budget else ()
         for nxt in steps:
             token = int(nxt[0])
