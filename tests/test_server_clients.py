@@ -119,6 +119,8 @@ def test_echo_with_logprobs_scores_what_tinylm_eval_scores(client, lm):
         assert got == pytest.approx(expected, abs=1e-4)
         assert all(max(top.values()) >= t for top, t in zip(lp.top_logprobs, lp.token_logprobs))
         assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    plain = client.completions.create(model="tiny", prompt=context, max_tokens=3, echo=True, **GREEDY).choices[0]
+    assert plain.text.startswith(context) and plain.logprobs is None
 
 
 def test_chat_logprobs(client):
@@ -128,6 +130,9 @@ def test_chat_logprobs(client):
     assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
     assert all(t.top_logprobs[0].logprob >= t.logprob for t in content)
     assert client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4).choices[0].logprobs is None
+    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, logprobs=True, stream=True, **GREEDY))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
     _refused(client, "top_logprobs", messages=HELLO, top_logprobs=2)
 
 
@@ -228,3 +233,18 @@ def test_every_stream_ends_with_done(base_url, body):
     assert r.status_code < 500
     if r.status_code == 200:
         assert lines[-1] == "data: [DONE]" and '"finish_reason": "' in lines[-2]
+
+
+def test_langchain_clients(base_url, lm):
+    """LangChain's ChatOpenAI with content blocks and its completions `OpenAI` with a list of prompts."""
+    lc = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    common = dict(base_url=f"{base_url}/v1", api_key="unused", model="tiny", temperature=0, max_tokens=8, max_retries=0)
+    reply = lc.ChatOpenAI(**common).invoke([SystemMessage(content=[{"type": "text", "text": "Be brief."}]),
+                                            HumanMessage(content=[{"type": "text", "text": "Tell me about the cat."}])])
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about the cat."}]
+    assert reply.content == lm.chat(plain, max_new_tokens=8, **GREEDY)
+    prompts = ["Once upon a time", "The little dog"]
+    out = lc.OpenAI(**common).generate(prompts)
+    assert [g[0].text for g in out.generations] == [lm.generate(p, max_new_tokens=8, **GREEDY) for p in prompts]

@@ -5,7 +5,8 @@
     client.chat.completions.create(model="tinylm", messages=[...], stream=True)
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/models,
-GET /health. This module only adapts HTTP to `LanguageModel`: the chat template, the sampler and
+GET /v1/models/{id}, GET /health. Request and response shapes follow the OpenAI API reference;
+docs/serving.md lists the fields taken and those refused. This module only adapts HTTP to `LanguageModel`: the chat template, the sampler and
 the streaming text logic are the ones the terminal chat and the web app use.
 """
 
@@ -30,6 +31,7 @@ from . import openai_shapes as shapes
 from .api import LanguageModel, TokenScore, Usage
 from .config import SampleConfig, SamplingError
 
+MAX_PROMPTS = 64  # prompts in one completions request: they are answered one after another
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused with 413 before it is read whole
 DEFAULT_TIMEOUT = 120.0  # seconds of generation per request; then it ends as if max_tokens were reached
 
@@ -140,6 +142,8 @@ class CompletionRequest(SamplingFields):
             return [_valid_text(v)]
         if not v or any(isinstance(p, list) and not p for p in v):
             raise ValueError("must not be empty")
+        if not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         if isinstance(v[0], int):
             return [v]
         return [_valid_text(p) if isinstance(p, str) else p for p in v]
