@@ -201,6 +201,28 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, str(exc.detail), kind="request_too_large" if exc.status_code == 413 else "invalid_request_error")
 
 
+def _sampling(req: SamplingFields, max_tokens: int | None, model_name: str, limit: int) -> dict:
+    """The request's sampling settings for LanguageModel, checked by SampleConfig.check (APIError 400
+    naming the field). Without max_tokens the reply may take the rest of the context (up to `limit`)
+    after the prompt; without a seed it is random, whatever the checkpoint's default (OpenAI's convention)."""
+    if req.model != model_name:
+        raise APIError(404, f"model {req.model!r} not found; this server serves {model_name!r}", "model", "not_found_error")
+    if max_tokens is not None and max_tokens > limit:
+        raise APIError(400, f"max_tokens={max_tokens} is over this model's limit of {limit}", "max_tokens")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+    fields = {"max_new_tokens": limit if max_tokens is None else max_tokens, "temperature": req.temperature,
+              "top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty,
+              "stop": req.stop, "seed": -1 if req.seed is None else req.seed}
+    options = {k: v for k, v in fields.items() if v is not None}
+    try:
+        dataclasses.replace(SampleConfig(), **options).check()
+    except SamplingError as e:
+        param = SERVER_PARAMS.get(e.field, e.field)
+        raise APIError(400, str(e).replace(e.field, param, 1), param) from None
+    return options
+
+
 def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | None = None,
                max_tokens_limit: int | None = None, timeout: float = DEFAULT_TIMEOUT,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -222,26 +244,6 @@ def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | Non
                 return _error(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error")
         return await call_next(request)
 
-    def sampling(req: SamplingFields, max_tokens: int | None) -> dict:
-        """The request's sampling settings, checked; without max_tokens the reply may take the rest of
-        the context (up to the server's limit), after the prompt."""
-        if req.model != model_name:
-            raise APIError(404, f"model {req.model!r} not found; this server serves {model_name!r}", "model", "not_found_error")
-        if max_tokens is not None and max_tokens > limit:
-            raise APIError(400, f"max_tokens={max_tokens} is over this model's limit of {limit}", "max_tokens")
-        if req.stream_options is not None and not req.stream:
-            raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
-        fields = {"max_new_tokens": limit if max_tokens is None else max_tokens, "temperature": req.temperature,
-                  "top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty,
-                  "stop": req.stop, "seed": req.seed}
-        options = {k: v for k, v in fields.items() if v is not None}
-        try:
-            dataclasses.replace(SampleConfig(), **options).check()
-        except SamplingError as e:
-            param = SERVER_PARAMS.get(e.field, e.field)
-            raise APIError(400, str(e).replace(e.field, param, 1), param) from None
-        return options
-
     @app.get("/health")
     def health():
         return {"status": "ok", "model": model_name, "parameters": lm.num_params, "active_generations": deadline.active}
@@ -260,7 +262,7 @@ def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | Non
     def chat_completions(req: ChatRequest):
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        options = sampling(req, req.max_completion_tokens or req.max_tokens)
+        options = _sampling(req, req.max_completion_tokens or req.max_tokens, model_name, limit)
         if options["max_new_tokens"] == 0:
             raise APIError(400, "max_tokens must be at least 1 for a chat completion", "max_tokens")
         messages, _ = lm.fit_messages([m.as_dict() for m in req.messages], options["max_new_tokens"])
@@ -271,7 +273,7 @@ def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | Non
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
-        options = sampling(req, req.max_tokens)
+        options = _sampling(req, req.max_tokens, model_name, limit)
         choices = []
         for prompt in req.prompt:
             try:
