@@ -169,3 +169,28 @@ def test_generate_with_top_p_zero(lm, capsys):
     assert main(["generate", lm.meta["path"], "--prompt", "Once upon", "--sample.top_p=0", "--sample.max_new_tokens=5"]) == 0
     assert main(["generate", lm.meta["path"], "--prompt", "Once upon", "--sample.top_p=3"]) == 2
     assert "top_p=3.0: must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_ctrl_c_inside_the_generator_keeps_the_chat(lm, prepared, tmp_path, monkeypatch):
+    """The usual case: SIGINT lands while the model computes, so the KeyboardInterrupt leaves the generator."""
+    from tinylm.api import LanguageModel
+    from tinylm.chat import chat_loop
+    from tinylm.config import load_config
+
+    calls = []
+
+    def stream_chat(self, history, **kw):
+        calls.append([m["content"] for m in history])
+        yield "first words"
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        yield " and more"
+
+    monkeypatch.setattr(LanguageModel, "stream_chat", stream_chat)
+    lines = iter(["hi", "again", "/quit"])
+    cfg = load_config("tiny", {"data.corpus": prepared["cfg"].data.corpus})
+    assert chat_loop(lm.meta["path"], cfg, input_fn=lambda _: next(lines), print_fn=lambda *a, **k: None,
+                     out_dir=str(tmp_path)) == 0
+    assert calls[1] == ["hi", "first words", "again"]
+    transcript = json.loads((tmp_path / "transcript.json").read_text())["messages"]
+    assert [m["content"] for m in transcript] == ["hi", "first words", "again", "first words and more"]
