@@ -125,8 +125,8 @@ class LanguageModel:
         return self.stream_ids(ids, self.sampling(**sampling), usage, logprobs)
 
     def reply_room(self, max_new_tokens: int | None) -> int:
-        """Tokens of context a prompt must leave free: MIN_REPLY_ROOM (a quarter of a small context), or
-        less when less is asked for."""
+        """Tokens of context a prompt must leave free before it is shortened: MIN_REPLY_ROOM, or a quarter
+        of the context if that is less, or `max_new_tokens` if that is less still."""
         room = min(MIN_REPLY_ROOM, self.context_length // 4)
         return room if max_new_tokens is None else min(room, max_new_tokens)
 
