@@ -131,3 +131,66 @@ def test_a_rank_leaves_the_group_without_interpreter_teardown(tmp_path):
     assert done.returncode == 130, done.stderr[-2000:]
     assert done.stdout == "summary written"
     assert _leave_process_group(3) == 3  # without a group: just the code back
+
+
+def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(lm, prepared, tmp_path, monkeypatch):
+    """Ctrl-C (a KeyboardInterrupt while a reply is printing) ends that reply only: its words so far are
+    kept, the next turn sees the whole history, and /set refuses what the sampler cannot do."""
+    from tinylm.api import LanguageModel
+    from tinylm.chat import chat_loop
+    from tinylm.config import load_config
+
+    cfg = load_config("tiny", {"data.corpus": prepared["cfg"].data.corpus, "sample.temperature": 0})
+    seen, stream_chat = [], LanguageModel.stream_chat
+    monkeypatch.setattr(LanguageModel, "stream_chat", lambda self, history, **kw: seen.append(list(history)) or stream_chat(self, history, **kw))
+    lines = iter(["/set max_new_tokens 250", "hello there", "/set top_p 0", "/set top_p 2", "and again", "/quit"])
+    printed, pieces, interrupted = [], [], []
+
+    def print_fn(*a, end="\n", **k):
+        if end == "" and a and a[0] not in ("bot> ", " [stopped]"):
+            pieces.append(a[0])
+            if len(seen) == 1 and len(pieces) == 2:
+                interrupted.append("".join(pieces).strip())
+                raise KeyboardInterrupt  # the user presses Ctrl-C during the first reply
+        printed.append(" ".join(map(str, a)))
+
+    assert chat_loop(lm.meta["path"], cfg, input_fn=lambda _: next(lines), print_fn=print_fn,
+                     out_dir=str(tmp_path / "chat")) == 0
+    text = "\n".join(printed)
+    assert "(top_p = 0.0)" in text and "top_p=2.0: must be between 0 and 1" in text and " [stopped]" in text
+    transcript = json.loads((tmp_path / "chat" / "transcript.json").read_text())["messages"]
+    assert [m["content"] for m in transcript if m["role"] == "user"] == ["hello there", "and again"]
+    assert transcript[1]["content"] == interrupted[0]  # the interrupted reply: the words before Ctrl-C
+    assert [m["content"] for m in seen[1]][:2] == ["hello there", interrupted[0]]  # history kept
+    assert seen[1][-1]["content"] == "and again"
+
+
+def test_generate_with_top_p_zero(lm, capsys):
+    assert main(["generate", lm.meta["path"], "--prompt", "Once upon", "--sample.top_p=0", "--sample.max_new_tokens=5"]) == 0
+    assert main(["generate", lm.meta["path"], "--prompt", "Once upon", "--sample.top_p=3"]) == 2
+    assert "top_p=3.0: must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_ctrl_c_inside_the_generator_keeps_the_chat(lm, prepared, tmp_path, monkeypatch):
+    """The usual case: SIGINT lands while the model computes, so the KeyboardInterrupt leaves the generator."""
+    from tinylm.api import LanguageModel
+    from tinylm.chat import chat_loop
+    from tinylm.config import load_config
+
+    calls = []
+
+    def stream_chat(self, history, **kw):
+        calls.append([m["content"] for m in history])
+        yield "first words"
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        yield " and more"
+
+    monkeypatch.setattr(LanguageModel, "stream_chat", stream_chat)
+    lines = iter(["hi", "again", "/quit"])
+    cfg = load_config("tiny", {"data.corpus": prepared["cfg"].data.corpus})
+    assert chat_loop(lm.meta["path"], cfg, input_fn=lambda _: next(lines), print_fn=lambda *a, **k: None,
+                     out_dir=str(tmp_path)) == 0
+    assert calls[1] == ["hi", "first words", "again"]
+    transcript = json.loads((tmp_path / "transcript.json").read_text())["messages"]
+    assert [m["content"] for m in transcript] == ["hi", "first words", "again", "first words and more"]

@@ -71,7 +71,7 @@ def test_repetition_penalty_lowers_seen_tokens_only():
 
 
 def _forced(monkeypatch, ids):
-    def fake(model, prompts, sc, stop_ids=(), max_new_tokens=None):
+    def fake(model, prompts, sc, stop_ids=(), max_new_tokens=None, observe=None):
         for i in ids:
             yield torch.tensor([i])
     monkeypatch.setattr(api, "generate_ids", fake)
@@ -98,3 +98,21 @@ def test_stop_strings_and_stop_tokens(monkeypatch, tokenizer, model):
 def test_sampling_options_are_checked(tokenizer, model):
     with pytest.raises(TypeError, match="unknown sampling options: tempreature"):
         LanguageModel(model, tokenizer).generate("x", tempreature=0.5)
+
+
+def test_sampling_at_the_edges():
+    """top_p 0 keeps the top token, a temperature of 1e-40 is greedy, the largest seed works, and
+    SampleConfig.check refuses what the sampler cannot honour, naming the field."""
+    from tinylm.config import SamplingError
+    from tinylm.generate import make_generator, sample_next
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    assert torch.isinf(filter_top_p(logits, 0.0)).tolist() == [[True, False, True, True]]
+    seen = torch.zeros(1, 4, dtype=torch.bool)
+    for sc in (SampleConfig(temperature=1e-40), SampleConfig(temperature=1.0, top_p=0.0)):
+        assert sample_next(logits, seen, sc, make_generator(2**64 - 1, torch.device("cpu"))).tolist() == [1]
+    for field, value in [("temperature", 2.5), ("temperature", float("nan")), ("top_p", 1.5), ("top_k", -1),
+                         ("repetition_penalty", 0.0), ("seed", 2**64), ("seed", -2), ("max_new_tokens", -1)]:
+        with pytest.raises(SamplingError) as info:
+            SampleConfig(**{field: value}).check()
+        assert info.value.field == field

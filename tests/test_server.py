@@ -68,7 +68,7 @@ def test_streamed_chat_equals_the_whole_reply(client):
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens >= 1
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and all(c.usage is None for c in chunks)
 
 
 def test_text_completion_stream_and_stop(client, lm):

@@ -53,6 +53,9 @@ class SlowModel:
     def stream(self, prompt, usage=None, **options):
         return self._pieces(usage, **options)
 
+    def echo(self, prompt, max_new_tokens, top=None):
+        return (prompt if isinstance(prompt, str) else "ids"), []
+
 
 def _chat(max_tokens=8, stream=False, **extra):
     return {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens,
@@ -153,12 +156,18 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                     max_leaves=8)
 FIELDS = {"model": st.sampled_from(["tiny", "other"]) | JSON,
-          "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]),
-                                                      "content": st.text(max_size=40)}), max_size=3) | JSON,
-          "prompt": st.text(max_size=40) | JSON, "max_tokens": st.integers(-5, 100) | JSON,
+          "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "developer", "x"]),
+                                                      "content": st.text(max_size=40) | st.lists(st.fixed_dictionaries(
+                                                          {"type": st.sampled_from(["text", "image_url"]), "text": st.text(max_size=10) | JSON}),
+                                                          max_size=2)}), max_size=3) | JSON,
+          "prompt": st.text(max_size=40) | st.lists(st.text(max_size=10), max_size=3)
+          | st.lists(st.integers(-5, 500), max_size=5) | JSON, "max_tokens": st.integers(-5, 100) | JSON,
           "temperature": st.floats(-1, 3) | JSON, "top_p": st.floats(-1, 2) | JSON, "top_k": st.integers(-3, 100) | JSON,
           "stop": st.lists(st.text(max_size=3), max_size=5) | JSON, "stream": st.booleans() | JSON,
-          "seed": st.integers() | JSON, "n": st.integers(-1, 3) | JSON}
+          "seed": st.integers() | JSON, "n": st.integers(-1, 3) | JSON,
+          "logprobs": st.booleans() | st.integers(-1, 30) | JSON, "top_logprobs": st.integers(-1, 30) | JSON,
+          "echo": st.booleans() | JSON, "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | JSON,
+          "tools": JSON, "response_format": JSON, "logit_bias": JSON, "frequency_penalty": st.floats(-1, 1) | JSON}
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import re
 import sys
 import typing
@@ -194,8 +195,40 @@ class SampleConfig:
     top_p: float = 0.95  # nucleus sampling threshold (1 = off)
     repetition_penalty: float = 1.1  # >1 discourages tokens already present (1 = off)
     stop: list[str] = field(default_factory=list)  # extra stop strings
-    seed: int = 0  # sampling seed (0 = random)
+    seed: int = -1  # sampling seed, 0 to 2**64-1 (-1 = a fresh random seed every time)
     prompts: list[str] = field(default_factory=lambda: ["Hello, how are you", "What do you like to do", "I think that"])  # prompts for the samples printed after training
+
+    def check(self) -> "SampleConfig":
+        """Refuse settings the sampler cannot honour; the one check behind the CLI, the terminal chat, the
+        Python API, the web page and the server. Raises SamplingError naming the field. Ranges follow the
+        OpenAI API reference (temperature 0-2, top_p 0-1); top_p 0 keeps only the most likely token."""
+        def bad(name: str, why: str) -> SamplingError:
+            return SamplingError(name, f"{name}={getattr(self, name)!r}: {why}")
+
+        number = (int, float)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise bad("max_new_tokens", "must be a whole number >= 0")
+        if not isinstance(self.temperature, number) or not 0.0 <= self.temperature <= 2.0:
+            raise bad("temperature", "must be between 0 and 2 (0 = greedy)")
+        if not isinstance(self.top_p, number) or not 0.0 <= self.top_p <= 1.0:
+            raise bad("top_p", "must be between 0 and 1 (1 = off)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be a whole number >= 0 (0 = off)")
+        if not isinstance(self.repetition_penalty, number) or not 0.0 < self.repetition_penalty < math.inf:
+            raise bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "must be non-empty strings")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed < 2**64:
+            raise bad("seed", "must be between 0 and 2**64-1 (-1 = random)")
+        return self
+
+
+class SamplingError(ConfigError):
+    """A sampling setting out of its range; `field` names it (the server reports it as `param`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -245,6 +278,10 @@ class Config:
         for name, value in (("data.val_fraction", self.data.val_fraction), ("sft.val_fraction", self.sft.val_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1)")
+        try:
+            self.sample.check()
+        except SamplingError as e:
+            raise ConfigError(f"sample.{e}") from None
         return self
 
 

@@ -12,7 +12,7 @@ every token, one launch per step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -37,29 +37,37 @@ def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches p (always at least one)."""
+    """Keep the smallest set of tokens whose probability reaches p, and always the most likely one
+    (so p = 0 keeps just that token, as llama.cpp's min_keep=1 does)."""
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each token
     drop_sorted = before >= p
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+GREEDY_BELOW = 1e-5
+"""A temperature under this samples as greedy: dividing float32 logits by ~1e-38 overflows to inf and
+the softmax to NaN, and long before that the distribution is one token (llama.cpp: temp <= 0 is greedy)."""
 
 
 def sample_next(logits: torch.Tensor, seen: torch.Tensor, sc: SampleConfig,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits: (B, V) -> next ids (B,)."""
     logits = apply_repetition_penalty(logits.float(), seen, sc.repetition_penalty)
-    if sc.temperature <= 0:
+    if sc.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = filter_top_p(filter_top_k(logits / sc.temperature, sc.top_k), sc.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator | None:
-    if not seed:
+    """A generator seeded with `seed` (0 to 2**64-1), or None (the global, random one) for seed -1."""
+    if seed < 0:
         return None
     g = torch.Generator(device=device)
     g.manual_seed(seed)
@@ -111,12 +119,14 @@ class GraphedDecodeStep:
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]] | torch.Tensor, sc: SampleConfig,
                  stop_ids: Sequence[int] = (), max_new_tokens: int | None = None,
-                 cuda_graph: bool = True) -> Iterator[torch.Tensor]:
+                 cuda_graph: bool = True,
+                 observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, (B,) per step, until all hit a stop id or the limit.
 
     Prompts in one batch must have the same length. Sequences that stopped keep yielding their
     stop id so the batch stays rectangular; the caller cuts at the first stop. On a GPU the
     decoding step is a CUDA graph unless `cuda_graph=False` (the eager reference for tests).
+    `observe(logits (B, V), next ids (B,))`, if given, sees the model's raw logits of every step.
     """
     device = model.tok_embeddings.weight.device
     idx = torch.as_tensor(prompts, dtype=torch.long, device=device)
@@ -141,6 +151,8 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]] | torch.Te
     step = GraphedDecodeStep(model, cache, B) if cuda_graph and device.type == "cuda" and budget > 1 else forward
     for _ in range(budget):
         nxt = sample_next(logits[:, -1], seen, sc, generator)
+        if observe is not None:
+            observe(logits[:, -1], nxt)
         if len(stops):
             nxt = torch.where(done, stops[0], nxt)
             done |= torch.isin(nxt, stops)

@@ -5,15 +5,16 @@
     client.chat.completions.create(model="tinylm", messages=[...], stream=True)
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/models,
-GET /health. This module only adapts HTTP to `LanguageModel`: the chat template, the sampler and
+GET /v1/models/{id}, GET /health. Request and response shapes follow the OpenAI API reference;
+docs/serving.md lists the fields taken and those refused. This module only adapts HTTP to `LanguageModel`: the chat template, the sampler and
 the streaming text logic are the ones the terminal chat and the web app use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import ipaddress
-import json
 import threading
 import time
 import uuid
@@ -26,9 +27,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api import LanguageModel, Usage
+from . import openai_shapes as shapes
+from .api import LanguageModel, TokenScore, Usage
+from .config import SampleConfig, SamplingError
 
-DEFAULT_MAX_TOKENS = 256
+MAX_PROMPTS = 64  # prompts in one completions request: they are answered one after another
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused with 413 before it is read whole
 DEFAULT_TIMEOUT = 120.0  # seconds of generation per request; then it ends as if max_tokens were reached
 
@@ -39,25 +42,61 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
+def _valid_text(text: str) -> str:
+    text.encode("utf-8")  # a lone surrogate ("\\ud800" in the JSON) raises UnicodeEncodeError, a ValueError
+    return text
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """A message; `content` is a string or a list of {"type": "text", "text": ...} parts (joined with
+    newlines, as vLLM does); the `developer` role is the newer name of `system` (OpenAI API reference)."""
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict]
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        if isinstance(v, str):
+            return _valid_text(v)
+        texts = []
+        for n, part in enumerate(v):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                raise ValueError(f"part {n}: only {{'type': 'text', 'text': str}} parts are supported, not {str(part)[:80]}")
+            texts.append(_valid_text(part["text"]))
+        return "\n".join(texts)
+
+    def as_dict(self) -> dict:
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (e.g. user)
+    """Fields both endpoints take. Ranges are checked by SampleConfig.check (a 400 naming the field);
+    a field this server cannot honour is refused, never ignored: unknown fields (tools, response_format,
+    ...) by extra="forbid", penalties other than 0 and a non-empty logit_bias by their validators."""
+    model_config = ConfigDict(extra="forbid")
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict | None = None
+    user: str | None = None  # an end-user id for abuse monitoring (OpenAI); nothing to do with sampling
 
     @field_validator("stop")
     @classmethod
@@ -65,15 +104,49 @@ class SamplingFields(BaseModel):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
+        return [_valid_text(s) for s in stops]
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v):
+        if v:
+            raise ValueError("not supported (only 0); use repetition_penalty")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v):
+        if v:
+            raise ValueError("not supported")
+        return v
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str
+    """`prompt`: a string, a list of strings (one choice each), a list of token ids or a list of those."""
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    best_of: int | None = Field(default=None, ge=1, le=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v):
+        if isinstance(v, str):
+            return [_valid_text(v)]
+        if not v or any(isinstance(p, list) and not p for p in v):
+            raise ValueError("must not be empty")
+        if not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        if isinstance(v[0], int):
+            return [v]
+        return [_valid_text(p) if isinstance(p, str) else p for p in v]
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
@@ -106,6 +179,50 @@ class Deadline:
                 self.active -= 1
 
 
+SERVER_PARAMS = {"max_new_tokens": "max_tokens"}  # SampleConfig's name -> the request's
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error(exc.status, exc.message, exc.param, exc.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "extra_forbidden":
+            return _error(400, f"{where}: not supported by this server", where)
+        message = str(first.get("msg")).removeprefix("Value error, ")
+        return _error(400, f"{where}: {message}" if where else message, where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), kind="request_too_large" if exc.status_code == 413 else "invalid_request_error")
+
+
+def _sampling(req: SamplingFields, max_tokens: int | None, model_name: str, limit: int) -> dict:
+    """The request's sampling settings for LanguageModel, checked by SampleConfig.check (APIError 400
+    naming the field). Without max_tokens the reply may take the rest of the context (up to `limit`)
+    after the prompt; without a seed it is random, whatever the checkpoint's default (OpenAI's convention)."""
+    if req.model != model_name:
+        raise APIError(404, f"model {req.model!r} not found; this server serves {model_name!r}", "model", "not_found_error")
+    if max_tokens is not None and max_tokens > limit:
+        raise APIError(400, f"max_tokens={max_tokens} is over this model's limit of {limit}", "max_tokens")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+    fields = {"max_new_tokens": limit if max_tokens is None else max_tokens, "temperature": req.temperature,
+              "top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty,
+              "stop": req.stop, "seed": -1 if req.seed is None else req.seed}
+    options = {k: v for k, v in fields.items() if v is not None}
+    try:
+        dataclasses.replace(SampleConfig(), **options).check()
+    except SamplingError as e:
+        param = SERVER_PARAMS.get(e.field, e.field)
+        raise APIError(400, str(e).replace(e.field, param, 1), param) from None
+    return options
+
+
 def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | None = None,
                max_tokens_limit: int | None = None, timeout: float = DEFAULT_TIMEOUT,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -115,20 +232,8 @@ def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | Non
                   max_body_size=max_body_bytes)
     created = int(time.time())
     deadline = app.state.deadline = Deadline(timeout)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return _error(exc.status, exc.message, exc.param, exc.kind)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")), where or None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), kind="request_too_large" if exc.status_code == 413 else "invalid_request_error")
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "tinylm"}
+    _install_error_handlers(app)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -139,79 +244,120 @@ def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | Non
                 return _error(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error")
         return await call_next(request)
 
-    def sampling(req: SamplingFields) -> dict:
-        if req.model != model_name:
-            raise APIError(404, f"model {req.model!r} not found; this server serves {model_name!r}", "model", "not_found_error")
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
-        if max_tokens > limit:
-            raise APIError(400, f"max_tokens={max_tokens} is over this model's limit of {limit}", "max_tokens")
-        fields = {"max_new_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
-                  "repetition_penalty": req.repetition_penalty, "stop": req.stop, "seed": req.seed}
-        return {k: v for k, v in fields.items() if v is not None}
-
     @app.get("/health")
     def health():
         return {"status": "ok", "model": model_name, "parameters": lm.num_params, "active_generations": deadline.active}
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "tinylm"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} not found; this server serves {model_name!r}", "model", "not_found_error")
+        return card
 
     @app.post("/v1/chat/completions")
     def chat_completions(req: ChatRequest):
-        options = sampling(req)
-        messages = [m.model_dump() for m in req.messages]
-        messages, _ = lm.fit_messages(messages, options["max_new_tokens"])
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        options = _sampling(req, req.max_completion_tokens or req.max_tokens, model_name, limit)
+        if options["max_new_tokens"] == 0:
+            raise APIError(400, "max_tokens must be at least 1 for a chat completion", "max_tokens")
+        messages, _ = lm.fit_messages([m.as_dict() for m in req.messages], options["max_new_tokens"])
         usage = Usage()
-        pieces = deadline(lm.stream_chat(messages, usage=usage, **options), usage)
-        return _respond(req, pieces, usage, "chat.completion", model_name)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        pieces = deadline(lm.stream_chat(messages, usage=usage, logprobs=top, **options), usage)
+        return respond(Reply(req, model_name, chat=True), [Choice(pieces, usage)])
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
-        options = sampling(req)
-        usage = Usage()
-        pieces = deadline(lm.stream(req.prompt, usage=usage, **options), usage)
-        return _respond(req, pieces, usage, "text_completion", model_name)
+        options = _sampling(req, req.max_tokens, model_name, limit)
+        choices = []
+        for prompt in req.prompt:
+            try:
+                text, echoed = lm.echo(prompt, options["max_new_tokens"], req.logprobs if req.echo else None)
+            except ValueError as e:
+                raise APIError(400, str(e), "prompt") from None
+            usage = Usage()
+            pieces = deadline(lm.stream(prompt, usage=usage, logprobs=req.logprobs, **options), usage)
+            choices.append(Choice(pieces, usage, text if req.echo else "", echoed, len(text)))
+        return respond(Reply(req, model_name, chat=False), choices)
 
     return app
 
 
-def _respond(req: SamplingFields, pieces: Iterator[str], usage: Usage, kind: str, model_name: str):
-    rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    chat = kind == "chat.completion"
+@dataclasses.dataclass
+class Reply:
+    req: SamplingFields
+    model_name: str
+    chat: bool
+    id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
-    def usage_dict() -> dict:
-        return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
-    if not req.stream:
-        text = "".join(pieces)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": usage.finish_reason}
-                  if chat else {"index": 0, "text": text, "finish_reason": usage.finish_reason, "logprobs": None})
-        return {"id": rid, "object": kind, "created": created, "model": model_name, "choices": [choice], "usage": usage_dict()}
+@dataclasses.dataclass
+class Choice:
+    """One reply being generated: its text pieces, its usage, and for completions the echoed prompt text,
+    that prompt's TokenScores (echo with logprobs) and its length in characters (where text_offset starts)."""
+    pieces: Iterator[str]
+    usage: Usage
+    echo: str = ""
+    echoed: list[TokenScore] = dataclasses.field(default_factory=list)
+    prompt_chars: int = 0
 
-    def chunk(delta: dict | str, finish: str | None, with_usage: bool = False) -> str:
-        choice = ({"index": 0, "delta": delta, "finish_reason": finish} if chat
-                  else {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None})
-        body = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": model_name,
-                "choices": [choice]}
-        if with_usage:
-            body["usage"] = usage_dict()
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def events() -> Iterator[str]:
-        if chat:
-            yield chunk({"role": "assistant", "content": ""}, None)
-        try:
-            for piece in pieces:
-                yield chunk({"content": piece} if chat else piece, None)
-        finally:
-            pieces.close()  # a client that went away stops the generation here
-        yield chunk({} if chat else "", usage.finish_reason, with_usage=True)
-        yield "data: [DONE]\n\n"
+def respond(reply: Reply, choices: list[Choice]):
+    """A whole response, or with `stream` server-sent events that always end with `data: [DONE]`."""
+    if reply.req.stream:
+        return StreamingResponse(stream_events(reply, choices), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    body = []
+    for index, c in enumerate(choices):
+        text = c.echo + "".join(c.pieces)
+        start = c.prompt_chars - len(c.echo) if c.echo else c.prompt_chars
+        logprobs = shapes.logprobs(reply.chat, reply.req.logprobs, c.echoed + c.usage.scores, start)
+        body.append(shapes.choice(reply.chat, index, text, c.usage.finish_reason, logprobs))
+    return shapes.body(reply, body, shapes.usage([c.usage for c in choices]))
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+def stream_events(reply: Reply, choices: list[Choice]) -> Iterator[str]:
+    """Chunks in OpenAI's shapes; usage in a last chunk with `choices: []` when stream_options asks for it.
+    A failure mid-way sends an error event; `[DONE]` always ends the stream."""
+    try:
+        for index, c in enumerate(choices):
+            yield from _choice_events(reply, index, c)
+        options = reply.req.stream_options
+        if options is not None and options.include_usage:
+            yield shapes.event(shapes.body(reply, [], shapes.usage([c.usage for c in choices]), chunk=True))
+    except Exception as e:  # noqa: BLE001 - the client must learn that the stream failed, and how
+        yield shapes.event({"error": {"message": f"generation failed: {type(e).__name__}: {e}",
+                                      "type": "server_error", "param": None, "code": None}})
+    finally:
+        for c in choices:
+            c.pieces.close()  # a client that went away stops the generation here
+    yield "data: [DONE]\n\n"
+
+
+def _choice_events(reply: Reply, index: int, c: Choice) -> Iterator[str]:
+    want = reply.req.logprobs
+
+    def chunk(delta, finish=None, logprobs=None) -> str:
+        return shapes.event(shapes.body(reply, [shapes.choice(reply.chat, index, delta, finish, logprobs, delta=True)], chunk=True))
+
+    if reply.chat:
+        yield chunk({"role": "assistant", "content": ""})
+    if c.echo:
+        yield chunk(c.echo, logprobs=shapes.logprobs(False, want, c.echoed, c.prompt_chars - len(c.echo)))
+    offset, sent = c.prompt_chars, 0
+    for piece in c.pieces:
+        new = c.usage.scores[sent:]
+        sent += len(new)
+        logprobs = shapes.logprobs(reply.chat, want, new, offset)
+        offset += sum(len(t.text) for t in new)
+        yield chunk({"content": piece} if reply.chat else piece, logprobs=logprobs)
+    yield chunk({} if reply.chat else "", c.usage.finish_reason)
 
 
 def is_loopback(host: str) -> bool:

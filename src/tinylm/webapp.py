@@ -26,7 +26,7 @@ def sidebar(lm: LanguageModel) -> dict:
         st.header("Sampling")
         settings = {
             "temperature": st.slider("Temperature", 0.0, 2.0, float(d.temperature), 0.05, help="0 = always the most likely token"),
-            "top_p": st.slider("Top-p", 0.05, 1.0, float(d.top_p), 0.05),
+            "top_p": st.slider("Top-p", 0.0, 1.0, float(d.top_p), 0.05, help="1 = off; 0 = only the most likely token"),
             "top_k": st.slider("Top-k", 0, 200, int(d.top_k), 1, help="0 = off"),
             "max_new_tokens": st.slider("Max new tokens", 1, max(2, lm.context_length // 2), min(int(d.max_new_tokens), lm.context_length // 2)),
             "repetition_penalty": st.slider("Repetition penalty", 1.0, 2.0, float(d.repetition_penalty), 0.05),
