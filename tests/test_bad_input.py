@@ -187,3 +187,64 @@ def test_a_tokenizer_that_does_not_match_is_refused(prepared, tmp_path):
     with pytest.raises((CheckpointError, ValueError), match="another tokenizer"):
         pretrain(load_config("tiny", {"data.corpus": [str(prepared["cfg"].data.corpus[0])], "train.max_steps": 4}),
                  prepared["shards"], tmp_path / "b", tokenizer_dir=swapped)
+
+
+@pytest.mark.parametrize("piece_bytes", [7, 64, 1 << 20])  # lines up to PIECE_BYTES come whole
+def test_text_read_in_pieces_is_cut_as_the_whole_text_would_be(piece_bytes, tmp_path, monkeypatch):
+    """A long line is read in bounded pieces (split inside multi-byte characters too) and cut while it
+    streams; the documents equal those of cutting the whole text at once."""
+    from tinylm import corpus
+    from tinylm.config import DataConfig
+    from tinylm.corpus import Document, cut_document, read_text_file
+
+    monkeypatch.setattr(corpus, "PIECE_BYTES", piece_bytes)
+    long_line = " ".join(f"wörd{i}—日本" for i in range(3_000))
+    text = f"\n\nShort first document.\n\n{long_line}\nand its last line\n\n=====\nA third one.\n"
+    path = tmp_path / "mixed.txt"
+    path.write_text(text, encoding="utf-8")
+    cfg = DataConfig(max_doc_chars=4_000, txt_chunk_chars=10, doc_separator="=====")
+    got = list(read_text_file(path, cfg))
+    whole = f"{long_line}\nand its last line"
+    expected = [Document("Short first document.", f"{path}:1"), *cut_document(Document(whole, f"{path}:5"), 4_000),
+                Document("A third one.", f"{path}:9")]
+    assert [(d.text, d.source) for d in got] == [(d.text, d.source) for d in expected]
+
+
+def test_a_json_line_too_long_to_parse_whole_is_named(tmp_path, monkeypatch):
+    from tinylm import corpus
+    from tinylm.corpus import CorpusError, jsonl_records
+
+    monkeypatch.setattr(corpus, "MAX_RECORD_BYTES", 1000)
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "%s"}\n' % ("x" * 5000))
+    with pytest.raises(CorpusError, match=r"big.jsonl:2: a line of more than"):
+        list(jsonl_records(path))
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_for_one_huge_gzipped_line(tmp_path):
+    """A single 256 MB line in a .txt.gz (a few hundred kB on disk) is read with memory that does not
+    grow with the line: peak RSS measured in a fresh process."""
+    import gzip
+
+    path = tmp_path / "one-line.txt.gz"
+    chunk = ("the cat sat on the mat and looked at the dog " * 20_000).encode()
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        for _ in range(256 * 2**20 // len(chunk)):
+            f.write(chunk)
+        f.write(b"\n")
+    code = (
+        "import resource, sys\n"
+        "from tinylm.config import DataConfig\n"
+        "from tinylm.corpus import read_documents\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"n = chars = 0\n"
+        f"for d in read_documents(DataConfig(corpus=[{str(path)!r}])):\n"
+        "    n += 1; chars += len(d.text)\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(n, chars, (after - before) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    docs, chars, grew_mb = map(int, out.stdout.split())
+    assert chars >= 256 * 2**20 - len(chunk) and docs > 250  # all of it, in ~1 MB pieces
+    assert grew_mb < 64, f"peak memory grew by {grew_mb} MB reading a {chars >> 20} MB line"

@@ -122,17 +122,39 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file; a byte-order mark at its start is not text (Windows
-    editors write one), so the first line starts at the character after it."""
+PIECE_BYTES = 1 << 20  # a line is read in pieces of at most this many bytes: one huge line never sits in memory whole
+MAX_RECORD_BYTES = 64 << 20  # a JSON Lines record must be parsed whole: longer lines are refused
+
+
+def _pieces(path: Path, limit: int | None = None) -> Iterator[tuple[int, str, bool]]:
+    """(line number, text, whole) of a UTF-8 file (optionally .gz), each line in pieces of at most
+    `limit` bytes: `whole` is True for a line read in one piece. A byte-order mark at the start is not
+    text (Windows editors write one), so the first line starts at the character after it."""
+    limit = limit or PIECE_BYTES
+    decoder = codecs.getincrementaldecoder("utf-8")()
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+        lineno, continued, offset = 1, False, 0
+        while raw := f.readline(limit):
+            ends = raw.endswith(b"\n") or len(raw) < limit  # a short read is the end of the file
+            if lineno == 1 and not continued and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
             try:
-                yield lineno, raw.decode("utf-8")
+                text = decoder.decode(raw, final=ends)
             except UnicodeDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start})") from None
+                raise CorpusError(f"{path}:{lineno}: not valid UTF-8 (byte {offset + e.start})") from None
+            yield lineno, text, ends and not continued
+            offset = 0 if ends else offset + len(raw)
+            lineno, continued = (lineno + 1, False) if ends else (lineno, True)
+
+
+def _lines(path: Path, limit: int | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line, each read whole; CorpusError for a line over `limit` bytes."""
+    limit = limit or MAX_RECORD_BYTES
+    for lineno, text, whole in _pieces(path, limit):
+        if not whole:
+            raise CorpusError(f"{path}:{lineno}: a line of more than {limit >> 20} MiB; a JSON record is read whole, "
+                              "so split it into several records (or give the text as a .txt file, read in pieces)")
+        yield lineno, text
 
 
 LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -156,23 +178,37 @@ def _lone_surrogate(value, where: str) -> str | None:
 
 
 def read_text_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
-    """Documents end at separator lines; without them, at the blank line after `txt_chunk_chars`."""
+    """Documents end at separator lines; without them, at the blank line after `txt_chunk_chars`.
+
+    Memory stays bounded whatever the lines: a document that grows past `data.max_doc_chars` leaves in
+    pieces as it is read (cut as `cut_document` cuts), never held whole.
+    """
     buf: list[str] = []
     size, start = 0, 1
-    for lineno, line in _lines(path):
-        stripped = line.strip()
-        boundary = stripped == cfg.doc_separator or (not stripped and size >= cfg.txt_chunk_chars)
-        if boundary:
-            text = "".join(buf).strip("\n")
-            if text.strip():
-                yield Document(text, f"{path}:{start}")
-            buf, size, start = [], 0, lineno + 1
+    cutter: Cutter | None = None
+
+    def document() -> Iterator[Document]:
+        text = "".join(buf).rstrip("\n")
+        if cutter is not None:
+            yield from cutter.feed(text)
+            yield from cutter.finish()
+        elif text.strip("\n").strip():
+            yield Document(text.lstrip("\n"), f"{path}:{start}")
+
+    for lineno, line, whole in _pieces(path):
+        stripped = line.strip() if whole else None
+        if whole and (stripped == cfg.doc_separator or (not stripped and size >= cfg.txt_chunk_chars)):
+            yield from document()
+            buf, size, start, cutter = [], 0, lineno + 1, None
             continue
         buf.append(line)
         size += len(line)
-    text = "".join(buf).strip("\n")
-    if text.strip():
-        yield Document(text, f"{path}:{start}")
+        if cfg.max_doc_chars and size > cfg.max_doc_chars:  # a long document: out in pieces as it comes
+            text = "".join(buf)
+            cutter = cutter or Cutter(f"{path}:{start}", cfg.max_doc_chars)
+            yield from cutter.feed(text.lstrip("\n") if cutter.fresh else text)
+            buf, size = [], 0
+    yield from document()
 
 
 def _text_of(record, fields: list[str], where: str) -> str:
@@ -306,15 +342,42 @@ def read_documents(cfg: DataConfig) -> Iterator[Document]:
 def cut_document(doc: Document, limit: int) -> Iterator[Document]:
     """Pieces of at most `limit` characters, cut after the last whitespace before the limit (or at
     the limit when there is none), so that one huge line cannot make one huge tokenizer call."""
-    text, start, part = doc.text, 0, 0
-    while start < len(text):
-        end = min(len(text), start + limit)
-        if end < len(text):
-            space = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
-            end = space + 1 if space > start else end
-        part += 1
-        yield Document(text[start:end], f"{doc.source}#part-{part}")
-        start = end
+    cutter = Cutter(doc.source, limit)
+    yield from cutter.feed(doc.text)
+    yield from cutter.finish(always_parts=True)
+
+
+class Cutter:
+    """Cuts a text that arrives in pieces into documents of at most `limit` characters, each ending
+    after the last space or newline before the limit (or at the limit when there is none), holding at
+    most `limit` characters plus one piece. Pieces are named `SOURCE#part-N`."""
+
+    def __init__(self, source: str, limit: int):
+        self.source, self.limit, self.held, self.part = source, limit, "", 0
+
+    @property
+    def fresh(self) -> bool:
+        return not self.part and not self.held
+
+    def feed(self, text: str) -> Iterator[Document]:
+        self.held += text
+        while len(self.held) > self.limit:
+            end = self.limit
+            space = max(self.held.rfind(" ", 0, end), self.held.rfind("\n", 0, end))
+            end = space + 1 if space > 0 else end
+            yield self._piece(self.held[:end])
+            self.held = self.held[end:]
+
+    def finish(self, always_parts: bool = False) -> Iterator[Document]:
+        if self.held and (self.part or always_parts):
+            yield self._piece(self.held)
+        elif self.held.strip():
+            yield Document(self.held, self.source)
+        self.held = ""
+
+    def _piece(self, text: str) -> Document:
+        self.part += 1
+        return Document(text, f"{self.source}#part-{self.part}")
 
 
 def files_fingerprint(paths: list[str]) -> list[dict]:
