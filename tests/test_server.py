@@ -10,7 +10,7 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from tinylm.server import create_app, is_loopback  # noqa: E402
+from tinylm.server import create_app, is_loopback, make_server  # noqa: E402
 
 
 def _free_port() -> int:
@@ -22,7 +22,7 @@ def _free_port() -> int:
 class LiveServer:
     def __init__(self, app):
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = make_server(app, "127.0.0.1", self.port, log_level="warning")  # as `tinylm serve` runs it
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):

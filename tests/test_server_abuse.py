@@ -198,3 +198,83 @@ def test_openapi_document_lists_the_endpoints():
 
     spec = TestClient(create_app(SlowModel(), "tiny")).get("/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(spec["paths"])
+
+
+def test_many_tiny_messages_end_within_the_timeout_and_free_the_worker(lm):
+    """10,000 one-word messages (well under the body limit): fitting them is linear and counts
+    against the request's timeout, so the answer comes within it and nothing keeps running."""
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(10_001)]
+    with LiveServer(create_app(lm, "tiny", timeout=3)) as url:
+        t0 = time.time()
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 50},
+                       timeout=60)
+        took = time.time() - t0
+        assert r.status_code == 200 and took < 3 + 2, (r.status_code, took)
+        _wait_idle(url, seconds=2)
+
+
+def test_a_client_leaving_a_whole_response_stops_its_generation():
+    """Not streamed: the server watches the connection while it builds the body."""
+    model = SlowModel(delay=0.05)
+    with LiveServer(create_app(model, "tiny")) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=_chat(60), timeout=0.5)  # 3 s of words
+        _wait_idle(url)
+        assert model.closed == 1 and model.produced[0] < 30, model.produced
+
+
+def test_a_slow_header_sender_is_cut_off(monkeypatch):
+    import socket
+
+    from tinylm import server
+
+    monkeypatch.setattr(server, "HEADER_TIMEOUT", 1.0)
+    with LiveServer(create_app(SlowModel(), "tiny")) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(10)
+            t0 = time.time()
+            closed = False
+            for byte in b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 20:
+                try:
+                    s.sendall(bytes([byte]))
+                    if s.recv(1, socket.MSG_DONTWAIT) == b"":
+                        closed = True
+                        break
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.2)
+            assert closed and time.time() - t0 < 3, "the connection stayed open"
+
+
+def test_shutdown_ends_generations_and_drains_within_seconds():
+    import signal
+
+    model = SlowModel(delay=0.2)
+    server = LiveServer(create_app(model, "tiny", timeout=600))
+    with server as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=_chat(60, True), timeout=30) as r:  # 12 s
+            lines = r.iter_lines()
+            next(lines)
+            t0 = time.time()
+            server.server.handle_exit(signal.SIGTERM, None)  # as uvicorn's signal handler does
+            rest = [ln for ln in lines if ln]
+        assert rest[-1] == "data: [DONE]"
+        server.thread.join(timeout=10)
+        assert not server.thread.is_alive() and time.time() - t0 < 6
+        assert model.produced[0] < 30  # it stopped, not ran to its 60 words
+
+
+def test_with_a_key_only_a_bare_health_check_answers_without_it(lm):
+    key = "s3cret"
+    with LiveServer(create_app(lm, "tiny", api_key=key)) as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # no model name, no load
+        for path in ("/docs", "/openapi.json", "/redoc", "/v1/models"):
+            assert httpx.get(f"{url}{path}").status_code == 401, path
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{url}/health", headers=auth).json()["model"] == "tiny"
+        spec = httpx.get(f"{url}/openapi.json", headers=auth).json()
+        assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

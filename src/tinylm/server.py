@@ -12,6 +12,7 @@ the streaming text logic are the ones the terminal chat and the web app use.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import ipaddress
@@ -21,10 +22,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import openai_shapes as shapes
@@ -154,23 +158,33 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
 
 
 class Deadline:
-    """Ends a stream of text pieces once `seconds` have passed (finish_reason "length"), and counts the
-    generations in flight: the count drops when a stream ends, fails, or is closed because its client
-    went away."""
+    """Ends a stream of text pieces once `seconds` have passed since its request arrived (the time
+    spent fitting and scoring the prompt counts too), when its client has gone away (`cancelled`), or
+    when the server shuts down (`stop`); finish_reason is then "length". Counts the generations in
+    flight: the count drops when a stream ends, fails, or is closed."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
         self.active = 0
+        self.stopping = threading.Event()
         self._lock = threading.Lock()
 
-    def __call__(self, pieces: Iterator[str], usage: Usage) -> Iterator[str]:
-        end = time.monotonic() + self.seconds
+    def stop(self) -> None:
+        """Shutdown: every generation ends at its next token, so that draining takes moments."""
+        self.stopping.set()
+
+    def __call__(self, pieces: Iterator[str], usage: Usage, started: float | None = None,
+                 cancelled: threading.Event | None = None) -> Iterator[str]:
+        end = (started or time.monotonic()) + self.seconds
         with self._lock:
             self.active += 1
         try:
+            if time.monotonic() > end or self.stopping.is_set():  # the prompt alone took the time
+                usage.finish_reason = "length"
+                return
             for piece in pieces:
                 yield piece
-                if time.monotonic() > end:
+                if time.monotonic() > end or self.stopping.is_set() or (cancelled is not None and cancelled.is_set()):
                     usage.finish_reason = "length"
                     return
         finally:
@@ -201,6 +215,27 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, str(exc.detail), kind="request_too_large" if exc.status_code == 413 else "invalid_request_error")
 
 
+def has_key(headers, api_key: str | None) -> bool:
+    """True without a key, or when `Authorization: Bearer KEY` holds it (compared in constant time)."""
+    given = headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else ""
+    return not api_key or hmac.compare_digest(token.encode(), api_key.encode())
+
+
+class KeyCheck:
+    """With a key, every path needs it (the API and its documentation pages) except the bare health
+    check. Plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health" and not has_key(Headers(scope=scope), self.api_key):
+            response = _error(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error")
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def _sampling(req: SamplingFields, max_tokens: int | None, model_name: str, limit: int) -> dict:
     """The request's sampling settings for LanguageModel, checked by SampleConfig.check (APIError 400
     naming the field). Without max_tokens the reply may take the rest of the context (up to `limit`)
@@ -228,24 +263,22 @@ def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | Non
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     limit = max_tokens_limit or lm.context_length
     # bodies over the limit get 413 as soon as Content-Length, or the bytes read so far, pass it
+    security = [Depends(HTTPBearer(auto_error=False, description="the --api-key, as `Authorization: Bearer KEY`"))]
     app = FastAPI(title="tinylm", description="OpenAI-compatible API for a tinylm model", version="1",
-                  max_body_size=max_body_bytes)
+                  max_body_size=max_body_bytes, dependencies=security if api_key else None)
     created = int(time.time())
     deadline = app.state.deadline = Deadline(timeout)
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "tinylm"}
     _install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return _error(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(KeyCheck, api_key=api_key)
 
     @app.get("/health")
-    def health():
+    def health(request: Request):
+        """Liveness; the model and the load only for a caller holding the key (when there is one)."""
+        if not has_key(request.headers, api_key):
+            return {"status": "ok"}
         return {"status": "ok", "model": model_name, "parameters": lm.num_params, "active_generations": deadline.active}
 
     @app.get("/v1/models")
@@ -258,8 +291,7 @@ def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | Non
             raise APIError(404, f"model {model_id!r} not found; this server serves {model_name!r}", "model", "not_found_error")
         return card
 
-    @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatRequest):
+    def chat_choices(req: ChatRequest, started: float, cancelled: threading.Event) -> list[Choice]:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         options = _sampling(req, req.max_completion_tokens or req.max_tokens, model_name, limit)
@@ -268,22 +300,47 @@ def create_app(lm: LanguageModel, model_name: str = "tinylm", api_key: str | Non
         messages, _ = lm.fit_messages([m.as_dict() for m in req.messages], options["max_new_tokens"])
         usage = Usage()
         top = (req.top_logprobs or 0) if req.logprobs else None
-        pieces = deadline(lm.stream_chat(messages, usage=usage, logprobs=top, **options), usage)
-        return respond(Reply(req, model_name, chat=True), [Choice(pieces, usage)])
+        pieces = deadline(lm.stream_chat(messages, usage=usage, logprobs=top, **options), usage, started, cancelled)
+        return [Choice(pieces, usage)]
 
-    @app.post("/v1/completions")
-    def completions(req: CompletionRequest):
+    def completion_choices(req: CompletionRequest, started: float, cancelled: threading.Event) -> list[Choice]:
         options = _sampling(req, req.max_tokens, model_name, limit)
         choices = []
         for prompt in req.prompt:
+            if time.monotonic() > started + timeout or cancelled.is_set():  # out of time: an empty answer
+                choices.append(Choice((text for text in ()), Usage(finish_reason="length")))
+                continue
             try:
                 text, echoed = lm.echo(prompt, options["max_new_tokens"], req.logprobs if req.echo else None)
             except ValueError as e:
                 raise APIError(400, str(e), "prompt") from None
             usage = Usage()
-            pieces = deadline(lm.stream(prompt, usage=usage, logprobs=req.logprobs, **options), usage)
+            pieces = deadline(lm.stream(prompt, usage=usage, logprobs=req.logprobs, **options), usage, started, cancelled)
             choices.append(Choice(pieces, usage, text if req.echo else "", echoed, len(text)))
-        return respond(Reply(req, model_name, chat=False), choices)
+        return choices
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        return await answer(request, req, chat_choices, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await answer(request, req, completion_choices, chat=False)
+
+    async def answer(request: Request, req, make_choices, chat: bool):
+        """Prepare the choices off the event loop, then stream them, or build the whole body while
+        watching the connection: a client that leaves stops its generation either way."""
+        started, cancelled = time.monotonic(), threading.Event()
+        choices = await run_in_threadpool(make_choices, req, started, cancelled)
+        reply = Reply(req, model_name, chat=chat)
+        if req.stream:
+            return respond(reply, choices)
+        work = asyncio.ensure_future(run_in_threadpool(respond, reply, choices))
+        while not work.done():
+            await asyncio.wait({work}, timeout=0.25)
+            if not work.done() and await request.is_disconnected():
+                cancelled.set()
+        return work.result()
 
     return app
 
@@ -376,10 +433,53 @@ def bind_warning(host: str, api_key: str | None) -> str | None:
             "Pass --api-key (or TINYLM_API_KEY) to require one.")
 
 
+HEADER_TIMEOUT = 10.0  # seconds for a connection's request line and headers to arrive in full
+SHUTDOWN_GRACE = 5.0  # seconds a shutdown waits for requests in flight (generations end at once)
+
+
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+    """A uvicorn server for `app` that times out slow header senders and, on SIGTERM/SIGINT, ends every
+    generation at its next token and drains within SHUTDOWN_GRACE seconds."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        """uvicorn's HTTP/1.1 protocol, closing a connection that has no request in progress after
+        HEADER_TIMEOUT seconds: a client sending its headers a byte at a time (slowloris) cannot hold a
+        connection open (uvicorn's keep-alive timer restarts on every byte)."""
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT, self._no_request_yet)
+
+        def _no_request_yet(self) -> None:
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._header_timer.cancel()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    class Draining(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.deadline.stop()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE, http=HeaderTimeout)
+    return Draining(config)
+
+
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> None:
-    import uvicorn
-
     from .api import load
 
     lm = load(checkpoint, device)
@@ -388,5 +488,4 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     if warning:
         print(warning)
     print(f"serving {lm.name} ({lm.num_params:,} parameters) as model {name!r} on http://{host}:{port}/v1")
-    uvicorn.run(create_app(lm, name, api_key, timeout=timeout), host=host, port=port, log_level="info",
-                timeout_keep_alive=5)
+    make_server(create_app(lm, name, api_key, timeout=timeout), host, port).run()
