@@ -54,10 +54,12 @@ def _verbs(prepared, ckpt, corpus, chats):
         "export-hf": ["export", str(ckpt)],
         "export-gguf": ["export", str(ckpt), "--format", "gguf"],
         "run": ["run", *tiny, "--sft.corpus=[]", "--train.max_steps=1"],
+        "generate": ["generate", str(ckpt), "--prompt", "Once"],
+        "chat": ["chat", str(ckpt)],
     }
 
 
-VERBS = ["collect", "clean", "tokenizer", "shards", "pretrain", "sft", "export-hf", "export-gguf", "run"]
+VERBS = ["collect", "clean", "tokenizer", "shards", "pretrain", "sft", "export-hf", "export-gguf", "run", "generate", "chat"]
 
 
 @pytest.mark.parametrize("verb", VERBS)

@@ -47,14 +47,20 @@ VERB_SECTIONS = {
 }
 
 
+# The verbs that write files: only they take --out (a flag a verb would ignore is not offered).
+OUT_VERBS = ("run", "collect", "clean", "tokenizer", "shards", "pretrain", "sft", "generate", "chat", "export")
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=None, help="preset name or TOML file (see `tinylm presets`)")
-    common.add_argument("--out", default=None, help="output directory")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default=None, help="preset name or TOML file (see `tinylm presets`)")
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--out", default=None, help="output directory (new, or an earlier output of this verb)")
     parser = argparse.ArgumentParser(prog="tinylm", description="Train a small language model from scratch and talk to it.",
                                      epilog="Any config field can be set as --section.field=value; see `tinylm config-help`.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    p = {name: sub.add_parser(name, parents=[common], help=text, description=text, epilog=_settings_help(name),
+    p = {name: sub.add_parser(name, help=text, description=text, epilog=_settings_help(name),
+                              parents=[*([config] if name in VERB_SECTIONS else []), *([out] if name in OUT_VERBS else [])],
                               formatter_class=argparse.RawDescriptionHelpFormatter) for name, text in VERBS.items()}
     p["shards"].add_argument("--tokenizer", required=True, help="tokenizer directory")
     p["pretrain"].add_argument("--shards", required=True, help="shard directory (its meta.json names the tokenizer)")
@@ -263,9 +269,11 @@ def _saved_config(checkpoint: str) -> Config:
 
 def cmd_generate(args, overrides) -> int:
     from .api import load
-    from .files import write_json, write_text
+    from .files import claim_folder, write_json, write_text
 
     cfg = _config(args, overrides, base=_saved_config(args.checkpoint))
+    if args.out:
+        claim_folder(args.out, "generations", legacy=("generations.json",))
     lm = load(args.checkpoint, device=args.device)
     sampling = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "prompts"}
     results = []
@@ -287,6 +295,10 @@ def cmd_chat(args, overrides) -> int:
     from .chat import chat_loop
 
     cfg = _config(args, overrides, base=_saved_config(args.checkpoint))
+    if args.out:
+        from .files import claim_folder
+
+        claim_folder(args.out, "chat", legacy=("transcript.json",))
     return chat_loop(args.checkpoint, cfg, device=args.device, system=args.system, out_dir=args.out)
 
 
