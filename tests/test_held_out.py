@@ -68,3 +68,21 @@ def test_sft_shards_say_what_was_held_out_from_what(tokenizer, tmp_path):
     assert "5 are pretraining validation documents (held out of both stages)" in summary
     assert "25 are pretraining training documents" in summary
     assert summary.endswith("0 held-out conversations are pretraining training documents")
+
+
+def test_a_run_fine_tunes_with_the_split_its_pretraining_used(corpus_file, tmp_path):
+    """The whole `tinylm run` path: the SFT data stage reads the run's shards/split_keys.npz (and its
+    hash keys the stage), then a rerun finds everything up to date."""
+    from tinylm.config import load_config
+    from tinylm.pipeline import run
+
+    chats = tmp_path / "chats.jsonl"
+    turn = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, friend."}]
+    chats.write_text("".join(json.dumps({"messages": turn + [{"role": "user", "content": f"n{i}"},
+                                                              {"role": "assistant", "content": "ok"}]}) + "\n"
+                             for i in range(30)))
+    cfg = load_config("tiny", {"data.corpus": [str(corpus_file)], "sft.corpus": [str(chats)], "train.max_steps": 2,
+                               "sft.train.max_steps": 2, "eval.enabled": False})
+    run(cfg, tmp_path / "run", progress=False)
+    meta = json.loads((tmp_path / "run" / "sft" / "data" / "meta.json").read_text())
+    assert meta["pretraining_shards"] == str(tmp_path / "run" / "shards")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from .config import Config, ConfigError, to_toml
 from .corpus import SPLIT_KEYS, corpus_files, files_fingerprint, load_split_keys
 from .data import PackedBatches
-from .files import claim_folder, hash_json, output_lock, read_json, write_json, write_text
+from .files import claim_folder, hash_json, output_lock, read_json, sha256_file, write_json, write_text
 from .layout import RunLayout, sft_data
 from .prepare import _fresh, has_sources, prepare_data, say
 from .conversations import SFTBatches, SFTRows, build_sft_shards, held_out_summary, read_conversations
@@ -83,10 +83,9 @@ def sft_data_stage(cfg: Config, checkpoint: Path, out_dir: Path, progress: bool 
     tok = Tokenizer.load(checkpoint)
     max_tokens = checkpoint_model_config(checkpoint).max_seq_len + 1  # inputs and shifted targets
     pretraining = pretraining or pretraining_shards(checkpoint)
-    keys_file = [str(pretraining / SPLIT_KEYS)] if pretraining else []
     inputs_hash = hash_json({"corpus": files_fingerprint(cfg.sft.corpus), "val_fraction": cfg.sft.val_fraction,
                              "tokenizer": tok.fingerprint, "max_tokens": max_tokens,
-                             "pretraining_split": files_fingerprint(keys_file)})
+                             "pretraining_split": sha256_file(pretraining / SPLIT_KEYS) if pretraining else None})
     if _fresh(out_dir, inputs_hash):
         say(f"sft data: up to date in {out_dir}")
         return out_dir
