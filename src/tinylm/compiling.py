@@ -25,8 +25,10 @@ import torch
 
 from .files import hash_json, write_json
 
-# before this machine has measured its own: (seconds to compile, step speed-up), by device type
-ESTIMATES = {"cpu": (60.0, 1.25), "cuda": (30.0, 2.0), "mps": (60.0, 1.2)}
+# Before this machine has measured its own: seconds to compile per transformer block and the step
+# speed-up, by device and CPU precision. From 2-core EPYCs (bf16: cpu-speedrun 30 s for 4 blocks, 1.3x;
+# cpu-demo ~50 s for 6, 1.4x; AVX2 fp32: cpu-demo 77 s for 6, 1.18x) and an H200 (gpu-26m 30 s, 2x).
+ESTIMATES = {("cpu", "bf16"): (8.0, 1.3), ("cpu", "fp32"): (13.0, 1.18), ("cuda", ""): (4.0, 2.0), ("mps", ""): (10.0, 1.2)}
 MIN_SPEEDUP = 1.02  # a compiled step measured slower than this is not worth compiling again
 
 
@@ -69,13 +71,15 @@ class CompileCost:
         return f"{self.compile_s:.0f} s to compile, steps {self.speedup:.2f}x faster ({where})"
 
 
-def known_cost(key: str, device: torch.device) -> CompileCost:
+def known_cost(key: str, device: torch.device, dtype: torch.dtype, n_layers: int) -> CompileCost:
+    """This machine's measured cost for `key`, or the ESTIMATES stand-in for `n_layers` blocks."""
     try:
         entry = json.loads(cache_file().read_text(encoding="utf-8"))[key]
         return CompileCost(float(entry["compile_s"]), float(entry["speedup"]), True)
     except (OSError, ValueError, KeyError, TypeError):
-        compile_s, speedup = ESTIMATES.get(device.type, ESTIMATES["cpu"])
-        return CompileCost(compile_s, speedup, False)
+        kind = ("bf16" if dtype in (torch.bfloat16, torch.float16) else "fp32") if device.type == "cpu" else ""
+        per_layer, speedup = ESTIMATES.get((device.type, kind), ESTIMATES[("cpu", "fp32")])
+        return CompileCost(per_layer * n_layers, speedup, False)
 
 
 def record_cost(key: str, compile_s: float, speedup: float) -> None:

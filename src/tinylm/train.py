@@ -338,7 +338,7 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
                 log.line(said)
                 compile_timer = None
             if compiled is None and steps_run == PACE_AFTER:  # "auto": the eager pace is known now
-                compiled, said = _decide_compile(progress, tc, total_steps, dt, compile_key, rt)
+                compiled, said = _decide_compile(progress, tc, total_steps, dt, compile_key, rt, cfg.model.n_layers)
                 log.line(said)
                 if compiled:
                     model.attention = attention_kernel(tc, rt.device, True)
@@ -601,13 +601,13 @@ PACE_AFTER = 3  # steps: the first ones include compilation and warm-up
 
 
 def _decide_compile(progress: Progress, tc: TrainConfig, total_steps: int | None, eager_step_s: float, key: str,
-                    rt: Runtime) -> tuple[bool, str]:
+                    rt: Runtime, n_layers: int) -> tuple[bool, str]:
     """`train.compile = "auto"`: compile now if it pays back within what is left of the run."""
     remaining = [(total_steps - progress.step) * eager_step_s] if total_steps else []
     if tc.max_time:
         remaining.append(tc.max_time - progress.elapsed)
     left = min(remaining)
-    cost = known_cost(key, rt.device)
+    cost = known_cost(key, rt.device, rt.dtype, n_layers)
     verdict = "compiling now" if cost.pays(left) else "not compiling"
     return cost.pays(left), (f"compile (auto): {verdict}: {cost.describe()}; about {format_duration(left)} of "
                              f"training left at {eager_step_s:.3f} s/step eager")
