@@ -24,6 +24,7 @@ VERBS = {
     "tokenizer": "train a tokenizer on data.corpus",
     "shards": "tokenize data.corpus into train/val token shards",
     "pretrain": "pretrain a model on token shards",
+    "import": "turn a Hugging Face LlamaForCausalLM folder (safetensors) into a tinylm checkpoint in DIR",
     "sft": "fine-tune a checkpoint on conversations (sft.corpus) with the same training loop",
     "generate": "continue prompts with a trained model",
     "chat": "talk to a model in the terminal",
@@ -66,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     p["pretrain"].add_argument("--shards", required=True, help="shard directory (its meta.json names the tokenizer)")
     for verb in ("generate", "chat", "info", "sft", "serve", "web", "export", "eval"):
         p[verb].add_argument("checkpoint", help="checkpoint, stage or run directory")
+    p["import"].add_argument("hf_dir", help="a Hugging Face model folder (config.json, safetensors, tokenizer.json)")
+    p["import"].add_argument("--context", type=int, default=None,
+                             help="context length in tokens (default: the model's max_position_embeddings)")
     p["generate"].add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: sample.prompts)")
     for verb in ("generate", "chat", "serve", "web", "eval"):
         p[verb].add_argument("--device", default="auto")
@@ -261,6 +265,14 @@ def cmd_sft(args, overrides) -> int:
     return _leave_process_group(_exit_code(summary))
 
 
+def cmd_import(args, overrides) -> int:
+    from .importer import import_hf
+
+    ckpt = import_hf(args.hf_dir, args.out or "runs/imported", args.context)
+    print(f"imported {args.hf_dir} as {ckpt}: `tinylm sft {ckpt.parent.parent} --out DIR` fine-tunes it")
+    return 0
+
+
 def _saved_config(checkpoint: str) -> Config:
     from .checkpoint import checkpoint_config, find_checkpoint
 
@@ -391,7 +403,7 @@ def cmd_config_help(args, overrides) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "collect": cmd_collect, "clean": cmd_clean, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "sft": cmd_sft,
+COMMANDS = {"run": cmd_run, "collect": cmd_collect, "clean": cmd_clean, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "import": cmd_import, "sft": cmd_sft,
             "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "web": cmd_web, "info": cmd_info, "export": cmd_export, "eval": cmd_eval, "report": cmd_report, "presets": cmd_presets,
             "config-help": cmd_config_help}
 

@@ -156,6 +156,10 @@ class Tokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
         backend = HFTokenizer.from_file(str(file))
+        if any(backend.token_to_id(t) is None for t in SPECIAL_TOKENS):  # an imported model's own tokenizer
+            from .chat_template import TemplateTokenizer
+
+            return TemplateTokenizer.from_dir(file.parent)
         meta = file.parent / "meta.json"  # a checkpoint's meta.json has no "kind": the model tells it
         kind = json.loads(meta.read_text()).get("kind") if meta.is_file() else None
         return cls(backend, kind or infer_kind(backend))
