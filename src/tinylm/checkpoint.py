@@ -26,6 +26,7 @@ from safetensors.torch import load_model, save_model
 from .config import Config, ConfigError, ModelConfig, config_from_dict
 from .layout import TRAINING_STAGES, RunLayout
 from .files import MARKER, atomic_dir, output_complete, read_json, sha256_file, write_json, write_text
+from .lora import adapter_spec, add_adapters, merge_adapters, spec_config
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -59,6 +60,7 @@ def save_checkpoint(run_dir: str | Path, model: Transformer, cfg: Config, tokeni
             "files": files,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": {"torch": torch.__version__},
+            **({"lora": adapter_spec(model)} if adapter_spec(model) else {}),  # adapters beside the base weights
         })
     write_text(ckpt_root / "latest", target.name + "\n")
     _prune(ckpt_root, keep_last)
@@ -130,9 +132,12 @@ def verify_files(ckpt: Path, meta: dict) -> None:
             raise CheckpointError(f"{ckpt}: {name} does not match its SHA-256 in meta.json (corrupted or edited)")
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify: bool = True
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify: bool = True, adapters: bool = False
                     ) -> tuple[Transformer, Tokenizer, dict]:
-    """Rebuild model and tokenizer from a checkpoint directory; strict about every mismatch."""
+    """Rebuild model and tokenizer from a checkpoint directory; strict about every mismatch.
+
+    A checkpoint with LoRA adapters (meta.json `lora`) comes back merged into plain weights, or with
+    its adapters apart and only them trainable if `adapters` (the trainer, to resume)."""
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
     if verify:
@@ -141,9 +146,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
     if tokenizer.fingerprint != meta["tokenizer_fingerprint"]:
         raise CheckpointError(f"{ckpt}: tokenizer does not match the one the model was trained with")
     model = Transformer(checkpoint_model_config(ckpt, meta))
+    if meta.get("lora"):
+        add_adapters(model, spec_config(meta["lora"]))
     missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=True, device=str(device))
     if missing or unexpected:  # pragma: no cover - strict=True raises first
         raise CheckpointError(f"{ckpt}: missing {missing}, unexpected {unexpected}")
+    if meta.get("lora") and not adapters:
+        merge_adapters(model)
     model.to(device)
     meta["path"] = str(ckpt)
     return model, tokenizer, meta

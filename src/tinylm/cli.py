@@ -26,6 +26,7 @@ VERBS = {
     "pretrain": "pretrain a model on token shards",
     "import": "turn a Hugging Face LlamaForCausalLM folder (safetensors) into a tinylm checkpoint in DIR",
     "sft": "fine-tune a checkpoint on conversations (sft.corpus) with the same training loop",
+    "merge": "write a LoRA checkpoint's adapters into its weights: a plain checkpoint in DIR",
     "generate": "continue prompts with a trained model",
     "chat": "talk to a model in the terminal",
     "serve": "OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions; GET /v1/models)",
@@ -40,11 +41,11 @@ VERBS = {
 
 
 # The config sections each verb reads; an override of any other section is refused, not ignored.
-ALL_SECTIONS = ("model", "tokenizer", "data", "collect", "clean", "train", "sft", "sample", "eval")
+ALL_SECTIONS = ("model", "tokenizer", "data", "collect", "clean", "train", "sft", "lora", "sample", "eval")
 VERB_SECTIONS = {
     "run": ALL_SECTIONS, "collect": ("collect",), "clean": ("data", "clean"),
     "tokenizer": ("data", "tokenizer", "model"), "shards": ("data",), "pretrain": ("model", "train"),
-    "sft": ("train", "sft"), "generate": ("sample",), "chat": ("sample",), "eval": ("eval",),
+    "sft": ("train", "sft", "lora"), "generate": ("sample",), "chat": ("sample",), "eval": ("eval",),
 }
 
 
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter) for name, text in VERBS.items()}
     p["shards"].add_argument("--tokenizer", required=True, help="tokenizer directory")
     p["pretrain"].add_argument("--shards", required=True, help="shard directory (its meta.json names the tokenizer)")
-    for verb in ("generate", "chat", "info", "sft", "serve", "web", "export", "eval"):
+    for verb in ("generate", "chat", "info", "sft", "merge", "serve", "web", "export", "eval"):
         p[verb].add_argument("checkpoint", help="checkpoint, stage or run directory")
     p["import"].add_argument("hf_dir", help="a Hugging Face model folder (config.json, safetensors, tokenizer.json)")
     p["import"].add_argument("--context", type=int, default=None,
@@ -273,6 +274,24 @@ def cmd_import(args, overrides) -> int:
     return 0
 
 
+def cmd_merge(args, overrides) -> int:
+    from .checkpoint import checkpoint_config, find_checkpoint, load_checkpoint, save_checkpoint
+    from .config import LoRAConfig
+    from .files import claim_folder, output_lock
+
+    ckpt = find_checkpoint(args.checkpoint)
+    model, _, meta = load_checkpoint(ckpt)  # adapters come back merged: W + (alpha / r) B A
+    if not meta.get("lora"):
+        raise ValueError(f"{ckpt} has no LoRA adapters: there is nothing to merge")
+    cfg = dataclasses.replace(checkpoint_config(ckpt), lora=LoRAConfig())  # fine-tuning it further trains every weight unless asked
+    out = Path(args.out or f"{ckpt.parent.parent}-merged")
+    with output_lock(out):
+        claim_folder(out, "merge", inputs=(ckpt,), legacy=("checkpoints",))
+        target = save_checkpoint(out, model, cfg, ckpt, {**meta["trainer"], "merged_from": str(ckpt)}, keep_last=1)
+    print(f"merged {ckpt} ({meta['lora']}) into {target}: {model.num_params():,} parameters")
+    return 0
+
+
 def _saved_config(checkpoint: str) -> Config:
     from .checkpoint import checkpoint_config, find_checkpoint
 
@@ -403,7 +422,7 @@ def cmd_config_help(args, overrides) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "collect": cmd_collect, "clean": cmd_clean, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "import": cmd_import, "sft": cmd_sft,
+COMMANDS = {"run": cmd_run, "collect": cmd_collect, "clean": cmd_clean, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "import": cmd_import, "sft": cmd_sft, "merge": cmd_merge,
             "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "web": cmd_web, "info": cmd_info, "export": cmd_export, "eval": cmd_eval, "report": cmd_report, "presets": cmd_presets,
             "config-help": cmd_config_help}
 

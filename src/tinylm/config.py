@@ -188,6 +188,14 @@ class SFTConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 0  # fine-tuning (sft, dpo) trains low-rank adapters of this rank on a frozen model (0 = off: every weight trains)
+    alpha: float = 16.0  # the adapters' update B A is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input (training only)
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])  # projections of each block that get adapters: wq wk wv wo (attention), w1 w3 w2 (SwiGLU gate, up, down)
+
+
+@dataclass
 class SampleConfig:
     max_new_tokens: int = 120  # tokens to generate
     temperature: float = 0.8  # 0 = greedy
@@ -248,6 +256,7 @@ class Config:
     clean: CleanConfig = field(default_factory=CleanConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -275,6 +284,7 @@ class Config:
                 raise ConfigError(f"train.{name} is a share of the run, between 0 and 1, not {getattr(self.train, name)}")
         if self.train.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', not {self.train.parallel!r}")
+        self._validate_lora()
         for name, value in (("data.val_fraction", self.data.val_fraction), ("sft.val_fraction", self.sft.val_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1)")
@@ -283,6 +293,19 @@ class Config:
         except SamplingError as e:
             raise ConfigError(f"sample.{e}") from None
         return self
+
+
+    def _validate_lora(self) -> None:
+        lc = self.lora
+        if lc.rank < 0 or lc.alpha <= 0 or not 0.0 <= lc.dropout < 1.0:
+            raise ConfigError(f"lora.rank must be >= 0, lora.alpha > 0 and lora.dropout in [0, 1) "
+                              f"(got {lc.rank}, {lc.alpha}, {lc.dropout})")
+        known = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+        unknown = [t for t in lc.targets if t not in known]
+        if unknown or (lc.rank and not lc.targets):
+            raise ConfigError(f"lora.targets: {unknown or 'empty'}; choose from {', '.join(known)}")
+        if lc.rank and "fsdp" in (self.train.parallel, self.sft.train.get("parallel")):
+            raise ConfigError("lora.rank with train.parallel=fsdp: adapters train under DDP or one process only")
 
 
 _SECTION_TYPES = typing.get_type_hints(Config)
@@ -461,6 +484,6 @@ def help_text(sections=None) -> str:
 
 
 __all__ = [
-    "CleanConfig", "CollectConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "SFTConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
+    "CleanConfig", "CollectConfig", "Config", "ConfigError", "DataConfig", "LoRAConfig", "ModelConfig", "SFTConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
     "config_from_dict", "load_config", "preset_names", "to_toml",
 ]

@@ -28,6 +28,7 @@ from .compiling import CompileTimer, choice, known_cost, plan_key
 from .config import Config, ConfigError, TrainConfig, to_toml
 from .files import claim_folder, output_lock, write_text
 from .logs import MetricsLog, Tracker, format_duration
+from .lora import adapter_spec, add_adapters, trainable_parameters
 from .model import Transformer
 from .parallel import full_state, is_sharded, load_full_state, local_value, shard, sync_gradients, wrap
 from .device import peak_flops, pick_device, pick_dtype
@@ -257,6 +258,8 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
         start, _, _ = load_checkpoint(tc.init_from, rt.device)
         model.load_state_dict(start.state_dict(), strict=True)
         del start
+    if stage != "pretrain" and cfg.lora.rank:  # fine-tuning with adapters: only they train
+        add_adapters(model, cfg.lora)
     if is_sharded(rt, tc):
         shard(model, rt)  # before the optimizer, which must see the sharded parameters
     if tc.optimizer == "muon" and (rt.dtype == torch.float16 or is_sharded(rt, tc)):
@@ -526,7 +529,10 @@ def _plain_model(cfg: Config, weights: dict) -> Transformer:
 def _restore(ckpt: Path, model, optimizer, scaler, train_batches, rt: Runtime, tc: TrainConfig, tokenizer_dir
              ) -> Progress:
     """Load weights, optimizer, scaler, RNG and data position from a checkpoint."""
-    saved, saved_tok, meta = load_checkpoint(ckpt, rt.device)
+    saved, saved_tok, meta = load_checkpoint(ckpt, rt.device, adapters=True)
+    if meta.get("lora") != adapter_spec(model):
+        raise CheckpointError(f"cannot resume from {ckpt}: its LoRA adapters ({meta.get('lora') or 'none'}) differ from "
+                              f"this run's ({adapter_spec(model) or 'none'}); use another --out or set [lora] as it was")
     if saved.cfg != model.cfg:
         changed = {k: (v, getattr(model.cfg, k)) for k, v in dataclasses.asdict(saved.cfg).items() if getattr(model.cfg, k) != v}
         raise CheckpointError(f"cannot resume from {ckpt}: its model differs ({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in changed.items())}); "
@@ -572,7 +578,7 @@ def _eta(progress: Progress, tc: TrainConfig, total_steps: int | None) -> float:
 def estimate_memory(model: Transformer, tc: TrainConfig, rt: Runtime) -> tuple[float, float]:
     """(bytes of weights + gradients + Adam moments, bytes of activations of one micro-batch): rough."""
     c = model.cfg
-    states = model.num_params() * (4 + 4 + 8)  # fp32 weights and gradients, two fp32 moments
+    states = model.num_params() * 4 + trainable_parameters(model) * (4 + 8)  # fp32 weights; gradients and two fp32 moments of what trains
     if is_sharded(rt, tc):
         states /= rt.world  # each rank keeps its shard (plus one gathered block at a time)
     rows = tc.batch_size * c.max_seq_len
@@ -590,7 +596,9 @@ def _preflight(model: Transformer, rt: Runtime, tokens_per_step: int, total_step
         limit += (" or " if limit else "") + f"{format_duration(tc.max_time)}"
     states, activations = estimate_memory(model, tc, rt)
     where = f"resuming from {resume_from.name}" if resume_from else "from scratch" if not tc.init_from else f"from {tc.init_from}"
-    return (f"{stage}: {n:,} parameters ({model.num_params(embeddings=False):,} without embeddings) | "
+    trainable = trainable_parameters(model)
+    adapters = f" | LoRA: {trainable:,} trainable ({100 * trainable / n:.2f}%)" if trainable < n else ""
+    return (f"{stage}: {n:,} parameters ({model.num_params(embeddings=False):,} without embeddings){adapters} | "
             f"{rt.device} {str(rt.dtype).replace('torch.', '')} x{rt.world}{f' {tc.parallel} ({dist.get_backend()})' if rt.distributed else ''} | {tokens_per_step:,} tokens/step | "
             f"{limit} | memory ~{states / 2**20:,.0f} MiB weights+optimizer + ~{activations / 2**20:,.0f} MiB "
             f"activations per micro-batch | {where}"
