@@ -26,6 +26,7 @@ VERBS = {
     "pretrain": "pretrain a model on token shards",
     "import": "turn a Hugging Face LlamaForCausalLM folder (safetensors) into a tinylm checkpoint in DIR",
     "sft": "fine-tune a checkpoint on conversations (sft.corpus) with the same training loop",
+    "dpo": "align a checkpoint with preference pairs (dpo.corpus) by DPO, with the same training loop",
     "merge": "write a LoRA checkpoint's adapters into its weights: a plain checkpoint in DIR",
     "generate": "continue prompts with a trained model",
     "chat": "talk to a model in the terminal",
@@ -41,11 +42,11 @@ VERBS = {
 
 
 # The config sections each verb reads; an override of any other section is refused, not ignored.
-ALL_SECTIONS = ("model", "tokenizer", "data", "collect", "clean", "train", "sft", "lora", "sample", "eval")
+ALL_SECTIONS = ("model", "tokenizer", "data", "collect", "clean", "train", "sft", "dpo", "lora", "sample", "eval")
 VERB_SECTIONS = {
     "run": ALL_SECTIONS, "collect": ("collect",), "clean": ("data", "clean"),
     "tokenizer": ("data", "tokenizer", "model"), "shards": ("data",), "pretrain": ("model", "train"),
-    "sft": ("train", "sft", "lora"), "generate": ("sample",), "chat": ("sample",), "eval": ("eval",),
+    "sft": ("train", "sft", "lora"), "dpo": ("train", "dpo", "lora"), "generate": ("sample",), "chat": ("sample",), "eval": ("eval",),
 }
 
 
@@ -66,8 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter) for name, text in VERBS.items()}
     p["shards"].add_argument("--tokenizer", required=True, help="tokenizer directory")
     p["pretrain"].add_argument("--shards", required=True, help="shard directory (its meta.json names the tokenizer)")
-    for verb in ("generate", "chat", "info", "sft", "merge", "serve", "web", "export", "eval"):
+    for verb in ("generate", "chat", "info", "sft", "dpo", "merge", "serve", "web", "export", "eval"):
         p[verb].add_argument("checkpoint", help="checkpoint, stage or run directory")
+    p["run"].add_argument("--dpo", action="store_true",
+                          help="after SFT, align the model by DPO on dpo.corpus (default: pairs made from the built-in conversations)")
     p["import"].add_argument("hf_dir", help="a Hugging Face model folder (config.json, safetensors, tokenizer.json)")
     p["import"].add_argument("--context", type=int, default=None,
                              help="context length in tokens (default: the model's max_position_embeddings)")
@@ -104,8 +107,8 @@ def _settings_help(verb: str) -> str:
     sections = VERB_SECTIONS.get(verb, ())
     if not sections:
         return "This verb reads no config settings."
-    extra = ("\nIn `tinylm sft`, --train.FIELD sets the fine-tuning run's value (it goes over [sft.train])."
-             if verb == "sft" else "")
+    extra = (f"\nIn `tinylm {verb}`, --train.FIELD sets this run's value (it goes over [{verb}.train])."
+             if verb in ("sft", "dpo") else "")
     return f"Settings it reads (--section.field=value; [{'], ['.join(sections)}]):\n{help_text(sections)}{extra}"
 
 
@@ -171,7 +174,7 @@ def cmd_run(args, overrides) -> int:
     # rerunning a run directory without --config continues with the config it was made with
     saved = out / "config.toml"
     cfg = load_config(args.config or (str(saved) if saved.is_file() else "cpu-demo"), overrides)
-    return _leave_process_group(_exit_code(run(cfg, out)))  # under torchrun, as pretrain and sft do
+    return _leave_process_group(_exit_code(run(cfg, out, dpo=args.dpo)))  # under torchrun, as pretrain and sft do
 
 
 def _leave_process_group(code: int) -> int:
@@ -290,6 +293,19 @@ def cmd_merge(args, overrides) -> int:
         target = save_checkpoint(out, model, cfg, ckpt, {**meta["trainer"], "merged_from": str(ckpt)}, keep_last=1)
     print(f"merged {ckpt} ({meta['lora']}) into {target}: {model.num_params():,} parameters")
     return 0
+
+
+def cmd_dpo(args, overrides) -> int:
+    import torch.distributed as dist
+
+    from .dpo import dpo
+
+    base = _saved_config(args.checkpoint)
+    overrides = [f"dpo.{o}" if o.startswith("train.") else o for o in overrides]  # --train.X is this run's X
+    summary = dpo(_config(args, overrides, base=base), args.checkpoint, args.out or "runs/default/dpo")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(summary, indent=2, default=str))
+    return _leave_process_group(_exit_code(summary))
 
 
 def _saved_config(checkpoint: str) -> Config:
@@ -422,7 +438,7 @@ def cmd_config_help(args, overrides) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "collect": cmd_collect, "clean": cmd_clean, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "import": cmd_import, "sft": cmd_sft, "merge": cmd_merge,
+COMMANDS = {"run": cmd_run, "collect": cmd_collect, "clean": cmd_clean, "tokenizer": cmd_tokenizer, "shards": cmd_shards, "pretrain": cmd_pretrain, "import": cmd_import, "sft": cmd_sft, "dpo": cmd_dpo, "merge": cmd_merge,
             "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "web": cmd_web, "info": cmd_info, "export": cmd_export, "eval": cmd_eval, "report": cmd_report, "presets": cmd_presets,
             "config-help": cmd_config_help}
 

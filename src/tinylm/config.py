@@ -187,6 +187,20 @@ class SFTConfig:
     demo: list[str] = field(default_factory=lambda: ["Hi! How are you today?", "What do you like to do on weekends?"])  # user messages of the demo exchange after `tinylm run`
 
 
+# The [train] settings that preference alignment changes, as SFT_TRAIN_DEFAULTS does for fine-tuning.
+DPO_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "warmup_steps": 10, "batch_size": 8, "max_steps": 200,
+                                      "max_epochs": 0.0, "max_tokens": 0, "max_time": 0.0, "eval_every": 50,
+                                      "compile": False}
+
+
+@dataclass
+class DPOConfig:
+    corpus: list[str] = field(default_factory=lambda: ["builtin"])  # preference pairs JSONL ({"prompt", "chosen", "rejected"}: strings or chat messages) or "builtin" (pairs made from the built-in conversations)
+    beta: float = 0.1  # beta of the DPO loss: how far the policy may move from the frozen reference model
+    val_fraction: float = 0.05  # share of pairs held out for the validation loss and preference accuracy
+    train: dict[str, Any] = field(default_factory=lambda: dict(DPO_TRAIN_DEFAULTS))  # [dpo.train]: [train] settings that differ for preference alignment (--dpo.train.lr=...); the rest come from [train]
+
+
 @dataclass
 class LoRAConfig:
     rank: int = 0  # fine-tuning (sft, dpo) trains low-rank adapters of this rank on a frozen model (0 = off: every weight trains)
@@ -256,6 +270,7 @@ class Config:
     clean: CleanConfig = field(default_factory=CleanConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -264,8 +279,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def stage_train(self, stage: str) -> TrainConfig:
-        """The training settings of a stage: [train] for pretraining; [train] under [sft.train] for SFT."""
-        return dataclasses.replace(self.train, **self.sft.train) if stage == "sft" else self.train
+        """The training settings of a stage: [train] for pretraining; [train] under [sft.train] for SFT
+        ([dpo.train] for DPO)."""
+        return dataclasses.replace(self.train, **getattr(self, stage).train) if stage in ("sft", "dpo") else self.train
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -285,7 +301,10 @@ class Config:
         if self.train.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', not {self.train.parallel!r}")
         self._validate_lora()
-        for name, value in (("data.val_fraction", self.data.val_fraction), ("sft.val_fraction", self.sft.val_fraction)):
+        if self.dpo.beta <= 0:
+            raise ConfigError(f"dpo.beta must be > 0, not {self.dpo.beta}")
+        for name, value in (("data.val_fraction", self.data.val_fraction), ("sft.val_fraction", self.sft.val_fraction),
+                            ("dpo.val_fraction", self.dpo.val_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1)")
         try:
@@ -360,11 +379,11 @@ def set_value(cfg: Config, dotted: str, value: Any, origin: str = "override") ->
     if section not in _SECTION_TYPES or not name:
         raise ConfigError(f"{origin}: unknown section {section!r}{_suggest(section, list(_SECTION_TYPES))}")
     train_fields = _field_types("train")
-    if section == "sft" and name.startswith("train."):  # a [train] setting for the fine-tuning stage
+    if section in ("sft", "dpo") and name.startswith("train."):  # a [train] setting for the fine-tuning stage
         key = name.removeprefix("train.")
         if key not in train_fields:
             raise ConfigError(f"{origin}: unknown key {dotted!r}{_suggest(key, list(train_fields))}")
-        cfg.sft.train[key] = _coerce(value, train_fields[key], f"{origin}: {dotted}")
+        getattr(cfg, section).train[key] = _coerce(value, train_fields[key], f"{origin}: {dotted}")
         return
     types_ = _field_types(section)
     if section == "sft" and name in train_fields:
@@ -484,6 +503,6 @@ def help_text(sections=None) -> str:
 
 
 __all__ = [
-    "CleanConfig", "CollectConfig", "Config", "ConfigError", "DataConfig", "LoRAConfig", "ModelConfig", "SFTConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
+    "CleanConfig", "CollectConfig", "Config", "ConfigError", "DataConfig", "DPOConfig", "LoRAConfig", "ModelConfig", "SFTConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
     "config_from_dict", "load_config", "preset_names", "to_toml",
 ]

@@ -4,6 +4,7 @@
     RUN/raw/  clean/  tokenizer/  shards/            the data stages
     RUN/pretrain/checkpoints/step-N/                  a training stage's checkpoints
     RUN/sft/data/  sft/checkpoints/step-N/            fine-tuning: its conversations, its checkpoints
+    RUN/dpo/data/  dpo/checkpoints/step-N/            preference alignment (`tinylm run --dpo`): its pairs, its checkpoints
     RUN/samples.json  demo_chat.json  report.html  report.md  report/
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-TRAINING_STAGES = ("pretrain", "sft")  # in the order they run
+TRAINING_STAGES = ("pretrain", "sft", "dpo")  # in the order they run
 FILES = {"config": "config.toml", "samples": "samples.json", "demo_chat": "demo_chat.json",
          "report_html": "report.html", "report_md": "report.md", "report_images": "report"}
 

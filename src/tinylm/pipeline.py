@@ -162,8 +162,8 @@ def print_samples(checkpoint: str | Path, cfg: Config, out_file: Path | None = N
     return samples
 
 
-def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
-    """[collect -> clean ->] tokenizer -> shards -> pretrain -> samples -> SFT -> demo chat under run_dir.
+def run(cfg: Config, run_dir: str | Path, progress: bool = True, dpo: bool = False) -> dict:
+    """[collect -> clean ->] tokenizer -> shards -> pretrain -> samples -> SFT -> demo chat [-> DPO] under run_dir.
 
     Up-to-date stages are skipped; training stages resume from their newest checkpoint.
     """
@@ -173,22 +173,25 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     if differ:  # one process, one runtime: both stages run on what it was set up for
         raise ConfigError(f"sft.train.{differ[0]} differs from train.{differ[0]}: `tinylm run` runs both stages on one "
                           f"runtime ({', '.join(runtime_fields)}); fine-tune apart with `tinylm sft` to change it")
-    check_inputs(cfg)  # every file the run will read, before its first stage
+    differ = [f"dpo.train.{f}" for f in runtime_fields if dpo and cfg.dpo.train.get(f, getattr(cfg.train, f)) != getattr(cfg.train, f)]
+    if differ:
+        raise ConfigError(f"{differ[0]} differs from train: `tinylm run` runs every stage on one runtime; align apart with `tinylm dpo`")
+    check_inputs(cfg, dpo)  # every file the run will read, before its first stage
     rt = setup_runtime(cfg.train)
     if not rt.is_main:
-        return _run(cfg, run_dir, rt, progress)
+        return _run(cfg, run_dir, rt, progress, dpo)
     with output_lock(run_dir):
         claim_folder(run_dir, "run", legacy=("config.toml", "tokenizer"))
-        return _run(cfg, run_dir, rt, progress)
+        return _run(cfg, run_dir, rt, progress, dpo)
 
 
-def check_inputs(cfg: Config) -> None:
+def check_inputs(cfg: Config, dpo: bool = False) -> None:
     """Raise (CorpusError or ConfigError, naming the setting) for any input of a run that is missing or
     unreadable, so that a wrong path stops the run before its first stage, not after pretraining."""
     from .corpus import CorpusError
 
     data = [] if has_sources(cfg) else cfg.data.corpus  # collected sources replace data.corpus
-    for setting, paths in (("data.corpus", data), ("sft.corpus", cfg.sft.corpus),
+    for setting, paths in (("data.corpus", data), ("sft.corpus", cfg.sft.corpus), ("dpo.corpus", cfg.dpo.corpus if dpo else []),
                            ("collect.files", cfg.collect.files), ("eval.blimp", cfg.eval.blimp)):
         try:
             corpus_files(paths)
@@ -199,7 +202,7 @@ def check_inputs(cfg: Config) -> None:
             raise ConfigError(f"eval.choice: {spec}: no such file")
 
 
-def _run(cfg: Config, run_dir: Path, rt: Runtime, progress: bool) -> dict:
+def _run(cfg: Config, run_dir: Path, rt: Runtime, progress: bool, dpo: bool = False) -> dict:
     run_ = RunLayout(run_dir)
     if rt.is_main:
         write_text(run_.config, to_toml(cfg))
@@ -218,6 +221,14 @@ def _run(cfg: Config, run_dir: Path, rt: Runtime, progress: bool) -> dict:
             return summary
         if rt.is_main:
             demo_exchange(summary["checkpoint"], cfg, run_.demo_chat)
+            evaluate_stage(summary["checkpoint"], cfg)
+    if dpo:
+        from .dpo import dpo as align
+
+        summary = align(cfg, summary["checkpoint"], run_.dpo, rt)
+        if summary["stopped_by"]:
+            return summary
+        if rt.is_main:
             evaluate_stage(summary["checkpoint"], cfg)
     if rt.is_main:
         if cfg.eval.enabled:

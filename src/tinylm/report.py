@@ -204,7 +204,7 @@ def build_sections(run_dir: Path, image_dir: Path) -> tuple[list[Section], dict]
         records = read_metrics(stage_dir)
         if ckpt is None and not records:
             continue
-        sec = Section("Pretraining" if stage == "pretrain" else "Supervised fine-tuning")
+        sec = Section({"pretrain": "Pretraining", "sft": "Supervised fine-tuning"}.get(stage, "Preference alignment (DPO)"))
         if ckpt is not None:
             meta = read_json(ckpt / "meta.json")
             t = meta["trainer"]

@@ -203,8 +203,22 @@ def fraction_done(p: Progress, tc: TrainConfig, total_steps: int | None) -> floa
 
 
 # --- the loop ------------------------------------------------------------------------------------
+class NextTokenLoss:
+    """The objective of pretraining and SFT: cross-entropy of every target that is not -100.
+
+    An objective is `(model, x, y) -> mean loss` plus `count(y)`, the number of units the mean is over,
+    by which micro-batches and ranks are weighed (dpo.py's counts preference pairs)."""
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x, y)[1]
+
+    def count(self, y: torch.Tensor) -> int:
+        return int((y != -100).sum())
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, make_batches: Callable, n_batches: int, rt: Runtime) -> float:
+def evaluate(model: torch.nn.Module, make_batches: Callable, n_batches: int, rt: Runtime,
+             objective: Callable | None = None) -> float:
     """Mean loss per target token over `n_batches` validation micro-batches (all ranks together).
 
     `make_batches` returns batches in the same seeded random order every time, so each validation
@@ -212,14 +226,15 @@ def evaluate(model: torch.nn.Module, make_batches: Callable, n_batches: int, rt:
     weighs by its number of targets, as in training.
     """
     model.eval()
+    objective = objective or NextTokenLoss()
     batches = make_batches()
     total = torch.zeros(2, device=rt.device, dtype=torch.float64)  # (sum of token losses, tokens)
     for _ in range(n_batches):
         x, y = batches.next_batch()
         y = y.to(rt.device)
         with rt.autocast():
-            _, loss = model(x.to(rt.device), y)
-        count = (y != -100).sum().double()
+            loss = objective(model, x.to(rt.device), y)
+        count = torch.tensor(float(objective.count(y)), device=rt.device, dtype=torch.float64)
         total += torch.stack([loss.double() * count, count])
     if rt.distributed:
         dist.all_reduce(total)
@@ -228,8 +243,11 @@ def evaluate(model: torch.nn.Module, make_batches: Callable, n_batches: int, rt:
 
 
 def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val_batches: Callable | None,
-          tokenizer_dir: str | Path, bytes_per_token: float | None = None, stage: str = "pretrain") -> dict:
+          tokenizer_dir: str | Path, bytes_per_token: float | None = None, stage: str = "pretrain",
+          objective: Callable | None = None) -> dict:
     """Train `cfg.model` on `train_batches`; checkpoints and logs go to out_dir. Returns a summary.
+
+    `objective` is the loss (NextTokenLoss unless given: dpo.py gives its preference loss).
 
     out_dir must be new, empty or an earlier output of this stage (files.OutputError otherwise), and
     is locked while training writes it (files.LockedError for a second process).
@@ -237,14 +255,14 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
     out_dir = Path(out_dir)
     inputs = (tokenizer_dir, *([cfg.train.init_from] if cfg.train.init_from else []))
     if not rt.is_main:
-        return _train(cfg, out_dir, rt, train_batches, make_val_batches, tokenizer_dir, bytes_per_token, stage)
+        return _train(cfg, out_dir, rt, train_batches, make_val_batches, tokenizer_dir, bytes_per_token, stage, objective)
     with output_lock(out_dir):
         claim_folder(out_dir, stage, inputs=inputs, legacy=("checkpoints",))
-        return _train(cfg, out_dir, rt, train_batches, make_val_batches, tokenizer_dir, bytes_per_token, stage)
+        return _train(cfg, out_dir, rt, train_batches, make_val_batches, tokenizer_dir, bytes_per_token, stage, objective)
 
 
 def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batches: Callable | None,
-           tokenizer_dir: str | Path, bytes_per_token: float | None, stage: str) -> dict:
+           tokenizer_dir: str | Path, bytes_per_token: float | None, stage: str, objective: Callable | None) -> dict:
     tc = cfg.train
     torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
     model = Transformer(cfg.model).to(rt.device)
@@ -304,14 +322,14 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
     def run_eval() -> dict:
         if make_val_batches is None:
             return {}
-        val_loss = evaluate(wrapped, make_val_batches, tc.eval_batches, rt)
+        val_loss = evaluate(wrapped, make_val_batches, tc.eval_batches, rt, objective)
         progress.best_val_loss = min(progress.best_val_loss, val_loss)
         out = {"val_loss": round(val_loss, 5)}
         if bytes_per_token:
             out["val_bpb"] = round(val_loss / math.log(2) / bytes_per_token, 5)
         return out
 
-    step = Stepper(wrapped, model, optimizer, scaler, rt, tc, say=log.line)
+    step = Stepper(wrapped, model, optimizer, scaler, rt, tc, say=log.line, objective=objective)
     stop = StopRequest()
     bar = tqdm(total=total_steps, initial=progress.step, desc=stage, unit="step", disable=not rt.is_main or None,
                dynamic_ncols=True, leave=False)
@@ -462,8 +480,10 @@ class Stepper:
     in twice as many pieces: the same sequences, the same update, less memory at once.
     """
 
-    def __init__(self, wrapped, model, optimizer, scaler, rt: Runtime, tc: TrainConfig, say: Callable = print):
+    def __init__(self, wrapped, model, optimizer, scaler, rt: Runtime, tc: TrainConfig, say: Callable = print,
+                 objective: Callable | None = None):
         self.wrapped, self.model, self.optimizer, self.scaler, self.rt, self.tc = wrapped, model, optimizer, scaler, rt, tc
+        self.objective = objective or NextTokenLoss()
         self.pieces = 1
         self.say = say
 
@@ -491,7 +511,7 @@ class Stepper:
         rt, tc = self.rt, self.tc
         pieces = [(x, y) for xb, yb in micro_batches
                   for x, y in zip(torch.tensor_split(xb, self.pieces), torch.tensor_split(yb, self.pieces)) if len(x)]
-        counts = [int((y != -100).sum()) for _, y in pieces]
+        counts = [self.objective.count(y) for _, y in pieces]
         total = float(sum(counts))
         if rt.distributed:
             global_count = torch.tensor([total, tokens], device=rt.device, dtype=torch.float64)
@@ -502,7 +522,7 @@ class Stepper:
             x, y = rt.to_device(x), rt.to_device(y)
             sync = i == len(pieces) - 1 or not rt.distributed
             with sync_gradients(self.wrapped, self.model, rt, tc, sync), rt.autocast():
-                _, loss = self.wrapped(x, y)  # mean over this piece's targets
+                loss = self.objective(self.wrapped, x, y)  # mean over this piece's targets
             weight = count * rt.world / total  # DDP and FSDP average over ranks: undo it, then weigh by tokens
             self.scaler.scale(loss * weight).backward()
             loss_sum += loss.detach().double() * count
