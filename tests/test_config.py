@@ -65,9 +65,10 @@ def test_config_help_lists_every_field_under_its_real_flag():
                 for section, values in Config().to_dict().items() for name, value in values.items()]
     assert sorted(flags) == sorted(expected)
     for flag in flags:  # each one is accepted by the override parser
-        if flag == "sft.train.FIELD":  # a table of [train] settings: every [train] field goes in
+        if flag in ("sft.train.FIELD", "dpo.train.FIELD"):  # a table of [train] settings: every [train] field goes in
+            stage = flag.split(".")[0]
             for name, value in Config().train.__dict__.items():
-                assert load_config("tiny", [f"sft.train.{name}={value}"]).sft.train[name] == value
+                assert getattr(load_config("tiny", [f"{stage}.train.{name}={value}"]), stage).train[name] == value
             continue
         section, name = flag.split(".")
         load_config("tiny", [f"{flag}={getattr(getattr(Config(), section), name) if not isinstance(getattr(getattr(Config(), section), name), list) else ''}"])
