@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinylm.checkpoint import checkpoint_config, load_checkpoint
-from tinylm.config import load_config
+from tinylm.checkpoint import load_checkpoint
 from tinylm.importer import ImportRefused, import_hf
 
 transformers = pytest.importorskip("transformers")
@@ -102,11 +101,13 @@ def test_imported_model_fine_tunes_chats_and_exports_back(chatml_tokenizer, tmp_
     from safetensors.torch import load_file
 
     from tinylm.api import load
+    from tinylm.checkpoint import latest_checkpoint
+    from tinylm.cli import main
     from tinylm.export import export_hf
-    from tinylm.pipeline import sft
 
     hf_dir = hf_model(tmp_path / "hf", chatml_tokenizer, tie_word_embeddings=False)
-    ckpt = import_hf(hf_dir, tmp_path / "imported")
+    assert main(["import", str(hf_dir), "--out", str(tmp_path / "imported")]) == 0
+    ckpt = latest_checkpoint(tmp_path / "imported")
     back = export_hf(ckpt, tmp_path / "exported")
     original, exported = load_file(hf_dir / "model.safetensors"), load_file(back / "model.safetensors")
     assert original.keys() == exported.keys()
@@ -118,12 +119,12 @@ def test_imported_model_fine_tunes_chats_and_exports_back(chatml_tokenizer, tmp_
 
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": CHAT}) + "\n" for _ in range(12)))
-    cfg = load_config(None, {"sft.corpus": [str(chats)], "sft.val_fraction": 0.0, "sft.train.max_steps": 3,
-                             "sft.train.max_epochs": 0, "sft.train.batch_size": 2, "sft.train.warmup_steps": 1},
-                      base=checkpoint_config(ckpt))
-    summary = sft(cfg, tmp_path / "imported", tmp_path / "sft")
-    assert summary["steps"] == 3
-    reply = load(summary["checkpoint"], device="cpu").chat([{"role": "user", "content": "Hi"}], max_new_tokens=4)
+    assert main(["sft", str(tmp_path / "imported"), "--out", str(tmp_path / "sft"), f"--sft.corpus={chats}",
+                 "--sft.val_fraction=0", "--train.max_steps=3", "--train.max_epochs=0", "--train.batch_size=2",
+                 "--train.warmup_steps=1"]) == 0
+    tuned = latest_checkpoint(tmp_path / "sft")
+    assert tuned.name == "step-0000003" and json.loads((tuned / "meta.json").read_text())["trainer"]["stage"] == "sft"
+    reply = load(tuned, device="cpu").chat([{"role": "user", "content": "Hi"}], max_new_tokens=4)
     assert isinstance(reply, str)
 
 

@@ -13,6 +13,9 @@ text. The characters between those two ends are that reply (its content and what
 closes it with, e.g. `<|im_end|>` or `<|eot_id|>`, which the model must learn to produce); the text is
 tokenized once and a token is masked 1 when it starts inside a reply. A template that rewrites
 earlier turns when later ones follow has no such prefixes and is refused with a message.
+
+As in `transformers`, the rendered text is tokenized with special tokens parsed, so a message that
+contains the text of one (`<|im_end|>`) becomes that token; `encode` (prompts, documents) never parses them.
 """
 
 from __future__ import annotations
