@@ -36,7 +36,7 @@ class RandomBatches:
 
 def measure(preset: str, rank: int | None, seq: int = 128) -> dict:
     cfg = load_config(preset, {"model.vocab_size": load_config(preset).tokenizer.vocab_size, "train.dtype": "fp32"})
-    tc = dataclasses.replace(cfg.train, grad_accum=1, compile=False, device="cpu")
+    tc = dataclasses.replace(cfg.train, grad_accum=1, compile="false", device="cpu")
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     if rank:

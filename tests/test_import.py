@@ -113,6 +113,8 @@ def test_imported_model_fine_tunes_chats_and_exports_back(chatml_tokenizer, tmp_
     assert original.keys() == exported.keys()
     for name in original:
         assert torch.equal(original[name], exported[name]), name
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the model's own tokenizer and chat template go back out
+        assert json.loads((back / name).read_text()) == json.loads((chatml_tokenizer / name).read_text()), name
     before, after = json.loads((hf_dir / "config.json").read_text()), json.loads((back / "config.json").read_text())
     for key in ("hidden_size", "intermediate_size", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings", "vocab_size"):
         assert before[key] == after[key], key

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from .files import write_json
 from .tokenizer import Tokenizer
 
 
@@ -88,6 +89,12 @@ class TemplateTokenizer(Tokenizer):
             for key, value in json.loads(special_map.read_text(encoding="utf-8")).items():
                 config.setdefault(key, value)
         return cls(HFTokenizer.from_file(str(path / "tokenizer.json")), config)
+
+    def save_for_transformers(self, out_dir: str | Path, model_max_length: int = 2048) -> None:
+        """The model's own tokenizer files, as they were imported (export.py writes them into an export)."""
+        self.backend.save(str(Path(out_dir) / "tokenizer.json"))
+        write_json(Path(out_dir) / "tokenizer_config.json", self.config)
+        write_json(Path(out_dir) / "special_tokens_map.json", {f"{k}_token": v for k, v in self.tokens.items() if v})
 
     # --- chat -----------------------------------------------------------------------------------
     def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:

@@ -190,7 +190,7 @@ class SFTConfig:
 # The [train] settings that preference alignment changes, as SFT_TRAIN_DEFAULTS does for fine-tuning.
 DPO_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "warmup_steps": 10, "batch_size": 8, "max_steps": 200,
                                       "max_epochs": 0.0, "max_tokens": 0, "max_time": 0.0, "eval_every": 50,
-                                      "compile": False}
+                                      "compile": "false"}
 
 
 @dataclass

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer as HFTokenizer
 
 from .checkpoint import TOKENIZER_FILES, save_checkpoint
 from .config import Config, ModelConfig
 from .export import OUR_TO_HF
 from .files import claim_folder, output_lock, write_json
 from .model import Transformer
-from .tokenizer import Tokenizer
+from .tokenizer import SPECIAL_TOKENS, Tokenizer, infer_kind
 
 LLAMA_TYPES = ("llama",)
 
@@ -111,11 +112,18 @@ def tinylm_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dic
     return state
 
 
-def stage_tokenizer(hf_dir: Path, into: Path) -> None:
-    """The tokenizer files a checkpoint holds, with the chat template inside tokenizer_config.json."""
+def stage_tokenizer(hf_dir: Path, into: Path) -> Path:
+    """The tokenizer files a checkpoint holds, with the chat template inside tokenizer_config.json,
+    written under `into`; returns their folder."""
     if not (hf_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{hf_dir}: no tokenizer.json (a fast tokenizer is needed; "
                                 "AutoTokenizer.from_pretrained(...).save_pretrained(...) writes one)")
+    backend = HFTokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    if all(backend.token_to_id(t) is not None for t in SPECIAL_TOKENS):  # tinylm's own, as `tinylm export` wrote it
+        plain = json.loads(backend.to_str())
+        plain["post_processor"] = None  # the <|bos|> the export adds for transformers' plain calls; tinylm adds its own
+        Tokenizer(HFTokenizer.from_str(json.dumps(plain)), infer_kind(backend)).save(into / "tinylm")
+        return into / "tinylm"
     config_file = hf_dir / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     template_file = hf_dir / "chat_template.jinja"  # where transformers 5 keeps it
@@ -128,6 +136,7 @@ def stage_tokenizer(hf_dir: Path, into: Path) -> None:
     write_json(into / "tokenizer_config.json", config)
     write_json(into / "special_tokens_map.json", special)
     assert set(TOKENIZER_FILES) <= {p.name for p in into.iterdir()}
+    return into
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, context: int | None = None) -> Path:
@@ -137,7 +146,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, context: int | None = Non
     cfg = Config(model=model_config(hf, context))
     with tempfile.TemporaryDirectory() as staging:
         staging = Path(staging)
-        stage_tokenizer(hf_dir, staging)
+        staging = stage_tokenizer(hf_dir, staging)
         tok = Tokenizer.load(staging)  # a foreign one is checked here: eos, chat template
         if tok.vocab_size > cfg.model.vocab_size:
             _refuse("vocab_size", cfg.model.vocab_size, f"the tokenizer has {tok.vocab_size} tokens")
