@@ -57,7 +57,7 @@ def test_zero_adapters_are_the_base_model_and_merge_is_base_plus_scaled_ba():
 def test_lora_settings_are_checked():
     with pytest.raises(ConfigError, match="lora.targets"):
         load_config("tiny", {"lora.rank": 4, "lora.targets": ["wq", "qkv"]})
-    with pytest.raises(ConfigError, match="unknown key 'sft.lora_rank'"):
+    with pytest.raises(ConfigError, match="'sft.lora_rank' is 'lora.rank'"):
         load_config("tiny", {"sft.lora_rank": 4})
 
 

@@ -386,6 +386,9 @@ def set_value(cfg: Config, dotted: str, value: Any, origin: str = "override") ->
         getattr(cfg, section).train[key] = _coerce(value, train_fields[key], f"{origin}: {dotted}")
         return
     types_ = _field_types(section)
+    if section in ("sft", "dpo") and name.startswith("lora_"):  # litgpt's and PEFT's spelling
+        raise ConfigError(f"{origin}: {dotted!r} is 'lora.{name.removeprefix('lora_')}': adapters are set in [lora] "
+                          "for every fine-tuning stage")
     if section == "sft" and name in train_fields:
         raise ConfigError(f"{origin}: {dotted!r} is now 'sft.train.{name}': fine-tuning takes any [train] setting "
                           f"under [sft.train]")
