@@ -144,3 +144,16 @@ def test_dpo_with_lora_trains_adapters_only_and_resumes_exactly(prepared, base_c
     assert all(torch.equal(a[k], b[k]) for k in a)
     base = load_file(f"{base_checkpoint}/model.safetensors")
     assert all(torch.equal(a[k], w) for k, w in base.items()) and any("lora_b" in k for k in a)
+
+
+@pytest.mark.slow
+def test_run_with_dpo_aligns_after_sft_and_verbs_find_the_aligned_model(tmp_path):
+    """`tinylm run --dpo` on the tiny preset: built-in pairs, a dpo/ stage after sft/, found first by every verb."""
+    from tinylm.checkpoint import find_checkpoint
+    from tinylm.cli import main
+
+    assert main(["run", "--config", "tiny", "--out", str(tmp_path / "run"), "--dpo"]) == 0
+    scores = json.loads((tmp_path / "run" / "dpo" / "preference_eval.json").read_text())
+    assert scores["start"]["reward_accuracy"] == 0.0 and scores["end"]["pairs"] > 100
+    assert find_checkpoint(tmp_path / "run").parent.parent.name == "dpo"
+    assert "Preference alignment (DPO)" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
