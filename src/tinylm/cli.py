@@ -51,7 +51,8 @@ VERB_SECTIONS = {
 
 
 # The verbs that write files: only they take --out (a flag a verb would ignore is not offered).
-OUT_VERBS = ("run", "collect", "clean", "tokenizer", "shards", "pretrain", "sft", "generate", "chat", "export")
+OUT_VERBS = ("run", "collect", "clean", "tokenizer", "shards", "pretrain", "import", "sft", "dpo", "merge", "generate", "chat",
+             "export")
 
 
 def _parser() -> argparse.ArgumentParser:
