@@ -265,7 +265,7 @@ def test_shutdown_ends_generations_and_drains_within_seconds():
         assert rest[-1] == "data: [DONE]"
         server.thread.join(timeout=10)
         assert not server.thread.is_alive() and time.time() - t0 < 6
-        assert model.produced[0] < 30  # it stopped, not ran to its 60 words
+        assert sum(model.produced) < 30  # it stopped (or never started), not ran to its 60 words
 
 
 def test_with_a_key_only_a_bare_health_check_answers_without_it(lm):
