@@ -99,6 +99,9 @@ def test_shortfall_says_planned_against_done_and_the_peak_learning_rate():
     assert "24% of its peak train.lr=0.001" in text and "warm-up of 300 steps outlasted the run" in text
     assert "raise train.max_time" in text and "train.warmup_steps to at most 7" in text
     assert shortfall(2433, 2433, 1e-3, tc) is None  # ran as planned and reached its peak
+    # a warm-up that ended, then a cosine that had already begun to fall: no shortfall (it read 96% as one)
+    assert shortfall(960, None, 0.96e-3, TrainConfig(lr=1e-3, warmup_steps=30, max_time=215)) is None
+    assert shortfall(71, None, 0.24e-3, TrainConfig(lr=1e-3, warmup_fraction=0.05, max_time=60)) is None
 
 
 def test_a_starved_run_is_named_in_the_log_and_the_report(prepared, tmp_path, capsys):

@@ -43,7 +43,8 @@ class ModelConfig:
     vocab_size: int = 0  # 0 = take it from the tokenizer (the usual case)
     rope_base: float = 10000.0  # rotary embedding base (theta)
     norm_eps: float = 1e-5  # RMSNorm epsilon
-    dropout: float = 0.0  # dropout on attention output and MLP output
+    dropout: float = 0.0  # dropout on the attention and MLP outputs (residual branches)
+    attention_dropout: float = 0.0  # dropout on the attention probabilities (slower on a CPU: no chunked kernel)
     tie_embeddings: bool = True  # share the input embedding with the output head
     init_std: float = 0.02  # std of the normal init of every matrix
 
@@ -69,6 +70,9 @@ class ModelConfig:
             raise ConfigError(f"head dimension {self.head_dim} must be even for rotary embeddings")
         if self.n_heads % self.kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} is a probability in [0, 1), not {getattr(self, name)}")
 
 
 @dataclass

@@ -38,7 +38,7 @@ def llama_config(model: Transformer, tok: Tokenizer | None = None) -> dict:
         "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.kv_heads,
         "head_dim": c.head_dim, "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
         "rope_theta": c.rope_base, "hidden_act": "silu", "tie_word_embeddings": c.tie_embeddings,
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": c.init_std,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": c.attention_dropout, "initializer_range": c.init_std,
         "torch_dtype": "float32", **special,
     }
 

@@ -67,7 +67,7 @@ def model_config(hf: dict, context: int | None = None) -> ModelConfig:
         dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
         n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden=hf["intermediate_size"],
         max_seq_len=context or hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"],
-        rope_base=rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)), dropout=0.0,
+        rope_base=rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)), dropout=0.0, attention_dropout=float(hf.get("attention_dropout", 0.0)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=float(hf.get("initializer_range", 0.02)))
     cfg.validate()
     return cfg

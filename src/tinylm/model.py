@@ -113,7 +113,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attention_dropout
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, attn_mask=None,
                 kernel: str = "sdpa"):

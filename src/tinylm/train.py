@@ -412,18 +412,20 @@ def shortfall(done: int, planned: int | None, lr_max: float, tc: TrainConfig) ->
     """What a finished run fell short of, in words, with what to change; None when it ran as planned.
 
     Short of its plan: stopped by train.max_time before the steps that max_steps, max_epochs or
-    max_tokens plan. Short of its learning rate: the highest rate used stayed under train.lr, because
-    the warm-up (train.warmup_steps) outlasted the run."""
+    max_tokens plan. Short of its learning rate: the warm-up in steps (train.warmup_steps) outlasted
+    the run, so the rate never reached train.lr (a warm-up in a share of the run, warmup_fraction,
+    always ends in time; the decay that follows is by design, not a shortfall)."""
     problems, fixes = [], []
     if planned and done < planned:
         problems.append(f"stopped after {done:,} of {planned:,} planned steps ({done / planned:.0%}): "
                         f"train.max_time={tc.max_time:g} s ran out first")
         fixes.append(f"raise train.max_time to about {tc.max_time * planned / max(1, done):,.0f} s, or plan fewer steps "
                      f"(train.max_steps={done:,})")
-    if done and 0 < lr_max < 0.99 * tc.lr:  # 0: a checkpoint from before the highest rate was kept
+    if done and not tc.warmup_fraction and done < tc.warmup_steps:
         problems.append(f"the learning rate rose to {lr_max:.3g}, {lr_max / tc.lr:.0%} of its peak train.lr={tc.lr:g}: "
                         f"the warm-up of {tc.warmup_steps:,} steps outlasted the run")
-        fixes.append(f"set train.warmup_steps to at most {max(1, done // 10):,} (a tenth of the steps run)")
+        fixes.append(f"set train.warmup_fraction=0.05 (a share of the run, whatever the machine's pace) or "
+                     f"train.warmup_steps to at most {max(1, done // 10):,} (a tenth of the steps run)")
     if not problems:
         return None
     return "starved run: " + "; ".join(problems) + ". To change: " + "; ".join(fixes) + "."
