@@ -286,3 +286,19 @@ def test_compile_auto_switches_mid_run_and_remembers_the_cost(prepared, tmp_path
     assert "compile (auto): compiling now" in log and "measured here" in log and "compile: took" in log
     measured = known_cost(key, rt.device, rt.dtype, 2)
     assert measured.measured and measured.speedup != 10.0 and cache_file().is_file()  # the real figures replace it
+
+
+def test_a_compile_pause_does_not_cut_a_time_measured_warmup_short():
+    """A time-limited run warms up over a share of the steps its pace promises: the 8 s spent compiling
+    at step 3 of a 215 s run would otherwise count as 4% of the run, and the peak would come at step ~5."""
+    from tinylm.train import Pace, Progress
+
+    tc = TrainConfig(lr=1.0, warmup_fraction=0.05, max_time=215)
+    pace = Pace(tc)
+    for dt in (0.3, 0.3, 8.3, 0.23, 0.23):  # eager steps, the compiling one, compiled ones
+        pace.update(dt)
+    progress = Progress(step=5, elapsed=9.4)
+    expected = pace.expected_steps(progress, None)
+    assert 650 < expected < 900  # ~205 s left at ~0.28 s/step, not at the compiling step's 8 s
+    assert lr_at(5, progress.elapsed / tc.max_time, tc, expected) == pytest.approx(6 / (0.05 * expected), rel=0.01)  # x the cosine, 0.996 here
+    assert lr_at(5, progress.elapsed / tc.max_time, tc) == pytest.approx(1.0, abs=0.15)  # by time alone: near the peak

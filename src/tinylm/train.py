@@ -149,15 +149,38 @@ class Optimizers:
             o.load_state_dict(s)
 
 
-def lr_at(step: int, progress: float, tc: TrainConfig) -> float:
+class Pace:
+    """The typical step time (a running mean that skips outliers: the compiling step, a slow save), and
+    from it the steps a time-limited run can expect in all."""
+
+    def __init__(self, tc: TrainConfig):
+        self.tc, self.step_s = tc, None
+
+    def update(self, dt: float) -> None:
+        if self.step_s is None or dt < 4 * self.step_s:
+            self.step_s = dt if self.step_s is None else 0.9 * self.step_s + 0.1 * dt
+
+    def expected_steps(self, progress: "Progress", total_steps: int | None) -> float | None:
+        if total_steps:
+            return float(total_steps)
+        if not self.tc.max_time or self.step_s is None:
+            return None
+        return progress.step + max(0.0, self.tc.max_time - progress.elapsed) / self.step_s
+
+
+def lr_at(step: int, progress: float, tc: TrainConfig, expected_steps: float | None = None) -> float:
     """The learning rate at optimizer step `step`, `progress` (0..1) of the way through the run.
 
-    Linear warm-up over `warmup_fraction` of the run (or `warmup_steps` steps), then either a cosine
+    Linear warm-up over `warmup_fraction` of the run's steps (of `expected_steps` when known: the
+    steps of a time-limited run come from its measured pace, so a pause to compile does not cut the
+    warm-up short; before the first step, of the progress) or over `warmup_steps` steps, then either a cosine
     from 1 to `min_lr_ratio` over the whole run, or ("wsd", warmup-stable-decay: Hu et al. 2024,
     MiniCPM) the peak until the last `decay_fraction`, then a linear decay to `min_lr_ratio`.
     """
     progress = min(1.0, progress)
-    if tc.warmup_fraction > 0:  # from 0.1% of the way, so that the first step is not wasted at zero
+    if tc.warmup_fraction > 0 and expected_steps:
+        warmup = min(1.0, (step + 1) / max(1.0, tc.warmup_fraction * expected_steps))
+    elif tc.warmup_fraction > 0:  # from 0.1% of the way, so that the first step is not wasted at zero
         warmup = min(1.0, max(progress, 0.001) / tc.warmup_fraction)
     else:
         warmup = min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0
@@ -336,12 +359,13 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
     wrapped.train()
     compile_key = plan_key(cfg.model, rt.device, rt.dtype, tc.batch_size, train_batches.seq_len) if compiled is None else ""
     compile_timer = None
+    pace = Pace(tc)
     last_saved = progress.step if resume_from else -1
     steps_run = 0
     try:
         while fraction_done(progress, tc, total_steps) < 1.0 and not stop.agreed:
             t0 = time.perf_counter()
-            lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc)
+            lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc, pace.expected_steps(progress, total_steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_value, grad_norm, tokens = step(train_batches)  # tokens: real ones, padding not counted
@@ -355,6 +379,7 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
             progress.tokens += tokens
             dt = stop.agree(rt, time.perf_counter() - t0)  # ranks agree on the step time and on stopping
             progress.elapsed += dt
+            pace.update(dt)
             if compile_timer is not None and (said := compile_timer.step(dt)):
                 log.line(said)
                 compile_timer = None
