@@ -14,21 +14,10 @@ from tinylm.api import Usage  # noqa: E402
 from tinylm.evaluate import continuation_logprobs  # noqa: E402
 from tinylm.server import create_app  # noqa: E402
 
-from test_server import LiveServer  # noqa: E402
+from test_server import LiveServer, base_url, client  # noqa: E402,F401 - the live server and its client, as fixtures
 
 HELLO = [{"role": "user", "content": "Tell me about the cat."}]
 GREEDY = dict(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def base_url(lm):
-    with LiveServer(create_app(lm, "tiny")) as url:
-        yield url
-
-
-@pytest.fixture
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def _refused(client, param, create=None, **kwargs):

@@ -26,14 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import Config
 from .conversations import SFTBatches, SFTRows, validate_messages
 from .corpus import BUILTIN, CorpusError, builtin_conversations, corpus_files, files_fingerprint, is_validation, jsonl_records
 from .data import EpochBatches
-from .files import atomic_dir, claim_folder, hash_json, write_json
+from .files import atomic_dir, hash_json, write_json
 from .prepare import _fresh, say
 from .shards import token_dtype
 from .tokenizer import Tokenizer
@@ -261,21 +260,16 @@ def pairs_data_stage(cfg: Config, checkpoint: Path, out_dir: Path) -> Path:
 def dpo(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runtime | None = None) -> dict:
     """Align a checkpoint on preference pairs with the training loop; resumes like every stage. Held-out
     preference accuracy before and after goes to out_dir/preference_eval.json."""
-    from .checkpoint import checkpoint_model_config, find_checkpoint, load_checkpoint
-    from .pipeline import VAL_SEED, _set_aside_if_base_changed
+    from .checkpoint import find_checkpoint, load_checkpoint
+    from .pipeline import VAL_SEED, fine_tuning_start
 
     init_checkpoint, out_dir = find_checkpoint(init_checkpoint), Path(out_dir)
     rt = rt or setup_runtime(cfg.stage_train("dpo"))
     data_dir = out_dir / "data"
-    if rt.is_main:
-        claim_folder(out_dir, "dpo", inputs=(init_checkpoint,), legacy=("checkpoints",))
-        _set_aside_if_base_changed(out_dir, init_checkpoint)
-        pairs_data_stage(cfg, init_checkpoint, data_dir)
-    if rt.distributed:
-        dist.barrier()
-    tc = dataclasses.replace(cfg.stage_train("dpo"), init_from=str(init_checkpoint))
-    cfg = dataclasses.replace(cfg, model=checkpoint_model_config(init_checkpoint), train=tc)
-    tok, seq, batch = Tokenizer.load(init_checkpoint), cfg.model.max_seq_len, tc.batch_size
+    cfg = fine_tuning_start(cfg, "dpo", init_checkpoint, out_dir, rt,
+                            lambda: pairs_data_stage(cfg, init_checkpoint, data_dir))
+    tc, tok = cfg.train, Tokenizer.load(init_checkpoint)
+    seq, batch = cfg.model.max_seq_len, tc.batch_size
     batches = PairBatches.load(data_dir, "train", seq, batch, tok.pad_id, tc.seed, rt.rank, rt.world)
     val_pairs = len(SFTRows.load(data_dir, "val_chosen"))
     make_val = None

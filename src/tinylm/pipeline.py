@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -104,20 +105,15 @@ def sft_data_stage(cfg: Config, checkpoint: Path, out_dir: Path, progress: bool 
 
 def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runtime | None = None) -> dict:
     """Fine-tune a checkpoint on conversations with the same training loop; resumes like pretraining."""
-    from .checkpoint import checkpoint_model_config, find_checkpoint
+    from .checkpoint import find_checkpoint
 
     init_checkpoint, out_dir = find_checkpoint(init_checkpoint), Path(out_dir)
     rt = rt or setup_runtime(cfg.stage_train("sft"))
     data_dir = sft_data(out_dir)
-    if rt.is_main:
-        claim_folder(out_dir, "sft", inputs=(init_checkpoint,), legacy=("checkpoints",))  # before data/ goes in
-        _set_aside_if_base_changed(out_dir, init_checkpoint)
-        sft_data_stage(cfg, init_checkpoint, data_dir)
-    if rt.distributed:
-        dist.barrier()
-    tc = dataclasses.replace(cfg.stage_train("sft"), init_from=str(init_checkpoint))
-    cfg = dataclasses.replace(cfg, model=checkpoint_model_config(init_checkpoint), train=tc)
-    tok, seq, batch = Tokenizer.load(init_checkpoint), cfg.model.max_seq_len, tc.batch_size
+    cfg = fine_tuning_start(cfg, "sft", init_checkpoint, out_dir, rt,
+                            lambda: sft_data_stage(cfg, init_checkpoint, data_dir))
+    tc, tok = cfg.train, Tokenizer.load(init_checkpoint)
+    seq, batch = cfg.model.max_seq_len, tc.batch_size
     batches = SFTBatches(SFTRows.load(data_dir, "train"), seq, batch, tok.pad_id, tc.seed, rt.rank, rt.world)
     val_rows = SFTRows.load(data_dir, "val")
     make_val = None
@@ -128,6 +124,23 @@ def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runti
     elif rt.is_main:
         say(f"sft: only {len(val_rows)} held-out conversation rows: no validation loss")
     return train(cfg, out_dir, rt, batches, make_val, init_checkpoint, stage="sft")
+
+
+def fine_tuning_start(cfg: Config, stage: str, init_checkpoint: Path, out_dir: Path, rt: Runtime,
+                      build_data: Callable[[], object]) -> Config:
+    """What every fine-tuning stage (SFT, DPO) does before training: claim its folder (before its data
+    goes in), set aside checkpoints fine-tuned from another base, build its data on rank 0 while the
+    others wait; returns the config it trains with (the base's model, the stage's [STAGE.train])."""
+    from .checkpoint import checkpoint_model_config
+
+    if rt.is_main:
+        claim_folder(out_dir, stage, inputs=(init_checkpoint,), legacy=("checkpoints",))
+        _set_aside_if_base_changed(out_dir, init_checkpoint)
+        build_data()
+    if rt.distributed:
+        dist.barrier()
+    tc = dataclasses.replace(cfg.stage_train(stage), init_from=str(init_checkpoint))
+    return dataclasses.replace(cfg, model=checkpoint_model_config(init_checkpoint), train=tc)
 
 
 def _set_aside_if_base_changed(out_dir: Path, init_checkpoint: Path) -> None:
