@@ -27,6 +27,7 @@ import time
 import torch
 
 from tinylm.config import SampleConfig, load_config
+from tinylm.sizing import fixed_shape
 from tinylm.export import to_transformers
 from tinylm.generate import generate_ids
 from tinylm.decoding import packed_matmul, packed_weights
@@ -116,6 +117,7 @@ def main() -> None:
           f"fp32, greedy, {PROMPT}-token prompt, {NEW} new tokens")
     for preset in args.presets:
         cfg = load_config(preset)
+        cfg.model = fixed_shape(cfg.model)
         cfg.model.vocab_size = cfg.tokenizer.vocab_size
         torch.manual_seed(0)
         model = Transformer(cfg.model).eval()

@@ -256,12 +256,14 @@ def train_section(rep: Report, device: torch.device, plan: dict) -> None:
 
 def generate_section(rep: Report, device: torch.device, plan: dict) -> None:
     from tinylm.config import load_config
+    from tinylm.sizing import fixed_shape
     from tinylm.export import to_transformers
     from tinylm.model import Transformer
 
     prompt, new = plan["prompt"], plan["new"]
     for preset in plan["generate"]:
         cfg = load_config(preset)
+        cfg.model = fixed_shape(cfg.model)
         cfg.model.vocab_size = cfg.tokenizer.vocab_size
         torch.manual_seed(0)
         model = Transformer(cfg.model).to(device).eval()

@@ -20,6 +20,7 @@ import time
 import torch
 
 from tinylm.config import LoRAConfig, load_config
+from tinylm.sizing import fixed_shape
 from tinylm.lora import add_adapters, trainable_parameters
 from tinylm.model import Transformer
 from tinylm.train import Runtime, Stepper, build_optimizer
@@ -38,6 +39,7 @@ def measure(preset: str, rank: int | None, seq: int = 128) -> dict:
     cfg = load_config(preset, {"model.vocab_size": load_config(preset).tokenizer.vocab_size, "train.dtype": "fp32"})
     tc = dataclasses.replace(cfg.train, grad_accum=1, compile="false", device="cpu")
     torch.manual_seed(0)
+    cfg.model = fixed_shape(cfg.model)
     model = Transformer(cfg.model)
     if rank:
         add_adapters(model, LoRAConfig(rank=rank, alpha=2.0 * rank))

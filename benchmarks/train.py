@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from tinylm.compiling import choice
 from tinylm.config import load_config
+from tinylm.sizing import fixed_shape
 from tinylm.model import Transformer
 from tinylm.parallel import wrap
 from tinylm.device import measure_cpu_peak, pick_dtype
@@ -131,6 +132,7 @@ class RandomBatches:
 def bench_preset(preset: str, steps: int, warmup: int, device: str = "cpu", overrides: dict | None = None) -> dict:
     """Seconds per step of tinylm's step and of the naive one at the preset's micro-batch, on `device`."""
     cfg = load_config(preset, {"train.grad_accum": 1, "train.device": device, **(overrides or {})})
+    cfg.model = fixed_shape(cfg.model)
     cfg.model.vocab_size = cfg.tokenizer.vocab_size
     tc, mc = cfg.train, cfg.model
     rt = setup_runtime(tc)

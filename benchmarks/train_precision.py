@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from tinylm.config import load_config
+from tinylm.sizing import fixed_shape
 from tinylm.data import PackedBatches
 from tinylm.device import cpu_supports_bf16
 from tinylm.train import setup_runtime, train
@@ -31,6 +32,7 @@ def tokens_per_second(preset: str, dtype: str, steps: int, warmup: int) -> float
     cfg = load_config(preset, {"train.dtype": dtype, "train.max_time": 0, "train.max_epochs": 0,
                                "train.max_steps": warmup + steps, "train.eval_every": 0, "train.save_every": 0,
                                "train.log_every": 10**9, "train.resume": False})
+    cfg.model = fixed_shape(cfg.model)
     cfg.model.vocab_size = cfg.tokenizer.vocab_size
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, size=(warmup + steps + 2) * cfg.train.batch_size

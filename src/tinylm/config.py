@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    size: str = ""  # "auto": width and depth chosen for the time budget on this machine (sizing.py); a ladder name ("xs", "s", "m", "l", "xl", "xxl"); "" = the shape fields below
     dim: int = 256  # width of the residual stream
     n_layers: int = 4  # number of transformer blocks
     n_heads: int = 4  # query heads
@@ -73,6 +74,9 @@ class ModelConfig:
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} is a probability in [0, 1), not {getattr(self, name)}")
+        from .sizing import check_size
+
+        check_size(self)
 
 
 @dataclass

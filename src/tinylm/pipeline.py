@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +53,11 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
     tc, seq = cfg.train, cfg.model.max_seq_len
     train_arrays, train_info = load_split(shards_dir, "train")
+    if cfg.model.size:
+        model_cfg, choosing_s = model_for_budget(cfg, Path(out_dir), rt, train_info["tokens"])
+        if choosing_s:  # choosing is part of the stage's time
+            tc = dataclasses.replace(tc, max_time=max(1.0, round(tc.max_time - choosing_s, 1)))
+        cfg = dataclasses.replace(cfg, model=model_cfg, train=tc)
     batches = PackedBatches(train_arrays, seq, tc.batch_size, tc.seed, rt.rank, rt.world)
     val_arrays, val_info = load_split(shards_dir, "val")
     make_val, bpt = None, None
@@ -64,6 +70,36 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
     elif rt.is_main:
         say(f"pretrain: validation split too small for one batch ({val_info['tokens']} tokens): no validation loss")
     return train(cfg, out_dir, rt, batches, make_val, tokenizer_dir, bytes_per_token=bpt, stage="pretrain")
+
+
+def model_for_budget(cfg: Config, out_dir: Path, rt: Runtime, unique_tokens: int):
+    """The model shape that `model.size` names: a ladder entry, or for "auto" the one with the lowest
+    predicted loss in train.max_time on this machine (sizing.py), and the seconds that choosing took
+    (the same on every rank). A resumed run keeps its checkpoint's shape."""
+    from . import sizing
+    from .checkpoint import checkpoint_model_config, latest_checkpoint
+
+    size, tc = cfg.model.size, cfg.train
+    if size in sizing.LADDER:
+        return sizing.shaped(cfg.model, size), 0.0
+    if not tc.max_time:
+        raise ConfigError("model.size = 'auto' chooses the model for a time budget: set train.max_time "
+                          "(or a ladder size such as --model.size=m)")
+    previous = latest_checkpoint(out_dir) if tc.resume else None
+    if previous is not None:
+        return checkpoint_model_config(previous), 0.0
+    t0 = time.perf_counter()
+    name = [None, 0.0]
+    if rt.is_main:
+        limits = [tc.max_epochs * unique_tokens if tc.max_epochs else 0, tc.max_tokens,
+                  tc.max_steps * tc.batch_size * tc.grad_accum * cfg.model.max_seq_len * rt.world]
+        chosen = sizing.choose_size(cfg.model, tc, rt, cfg.model.max_seq_len, tc.max_time, unique_tokens,
+                                    tc.batch_size * tc.grad_accum * cfg.model.max_seq_len * rt.world,
+                                    min([x for x in limits if x], default=None), say=say)
+        name = [chosen.name, time.perf_counter() - t0]
+    if rt.distributed:  # every rank trains what rank 0 measured, for as long
+        dist.broadcast_object_list(name, src=0)
+    return sizing.shaped(cfg.model, name[0]), name[1]
 
 
 # --- supervised fine-tuning ----------------------------------------------------------------------

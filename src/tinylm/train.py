@@ -287,6 +287,8 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
 def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batches: Callable | None,
            tokenizer_dir: str | Path, bytes_per_token: float | None, stage: str, objective: Callable | None) -> dict:
     tc = cfg.train
+    if cfg.model.size:  # pipeline.model_for_budget turns a size into a shape
+        raise ConfigError(f"model.size={cfg.model.size!r} is not resolved into a shape; train through pipeline.pretrain")
     torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
     model = Transformer(cfg.model).to(rt.device)
     compiled = choice(tc.compile)  # None: "auto", decided after the first steps

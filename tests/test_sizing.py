@@ -1,0 +1,131 @@
+"""model.size: the ladder, the scaling law and its fit, the choice for a budget, and how a run uses it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from conftest import tiny_config
+from tinylm import sizing
+from tinylm.checkpoint import checkpoint_model_config, latest_checkpoint
+from tinylm.config import ConfigError, ModelConfig, load_config
+from tinylm.pipeline import pretrain
+from tinylm.sizing import LADDER, ScalingLaw, choose_size, effective_tokens, fit_law, shaped
+
+
+def test_repeated_tokens_count_less_and_less():
+    unique = 1e6
+    assert effective_tokens(5e5, unique) == 5e5 and effective_tokens(unique, unique) == unique
+    seen = [effective_tokens(unique * (1 + r), unique) for r in (0.01, 1, 4, 16, 64, 1000)]
+    assert all(b > a for a, b in zip(seen, seen[1:]))  # more data still helps ...
+    assert seen[0] == pytest.approx(unique * 1.01, rel=1e-3)  # a first repeat counts almost fully
+    assert seen[-2] < seen[-1] <= unique * (1 + sizing.REPEAT_SCALE)  # ... up to a ceiling of R* + 1 passes' worth
+    assert effective_tokens(3e6, None) == 3e6  # unknown data size: no discount
+
+
+def test_the_fit_recovers_a_law_it_was_given():
+    truth = ScalingLaw(E=1.7, A=40.0, B=300.0, alpha=0.34, beta=0.28)
+    points = [(n, d, 2e6, truth.loss(n, d, 2e6)) for n in (3e5, 1e6, 4e6, 1.5e7) for d in (1e6, 5e6, 2e7)]
+    law, rms = fit_law(points)
+    assert rms < 1e-6 and (law.alpha, law.beta) == (truth.alpha, truth.beta)
+    assert law.loss(2e6, 8e6, 2e6) == pytest.approx(truth.loss(2e6, 8e6, 2e6), abs=1e-6)
+
+
+def test_the_shipped_law_prefers_more_parameters_and_more_data():
+    law = ScalingLaw.load()
+    assert law.A >= 0 and law.B >= 0 and math.isfinite(law.E)
+    assert law.loss(4e6, 1e7, 3e6) < law.loss(1e6, 1e7, 3e6)
+    assert law.loss(4e6, 2e7, 3e6) < law.loss(4e6, 1e7, 3e6)
+
+
+def test_a_size_decides_the_shape_and_refuses_one_set_beside_it():
+    cfg = load_config("cpu-demo")
+    assert cfg.model.size == "auto"
+    with pytest.raises(ConfigError, match=r"model\.dim=384 is set beside model\.size='auto'"):
+        load_config("cpu-demo", {"model.dim": 384})
+    with pytest.raises(ConfigError, match="model.size must be"):
+        load_config("cpu-demo", {"model.size": "huge"})
+    assert load_config("cpu-demo", {"model.size": ""}).model.dim == ModelConfig().dim  # the shape as set
+    m = shaped(cfg.model, "l")
+    assert (m.size, m.dim, m.n_layers, m.n_heads, m.n_kv_heads) == ("", *LADDER["l"])
+    assert m.max_seq_len == cfg.model.max_seq_len  # context stays as set
+
+
+def _fake_pace(monkeypatch, seconds_per_gflop: float):
+    """Step times proportional to the work, so that the test knows what each size costs."""
+    timed = []
+
+    def time_step(model, tc, rt, batch_size, seq_len, repeats=2):
+        timed.append(model.cfg.dim)
+        return model.flops_per_token(seq_len) * batch_size * seq_len / 1e9 * seconds_per_gflop
+
+    monkeypatch.setattr(sizing, "time_step", time_step)
+    return timed
+
+
+def test_the_choice_is_the_lowest_predicted_loss_and_the_search_stops_past_it(monkeypatch):
+    from tinylm.train import setup_runtime
+
+    model_cfg = ModelConfig(size="auto", max_seq_len=64, vocab_size=512)
+    tc = load_config("tiny", {"train.compile": "false", "train.max_steps": 0, "train.max_time": 60}).train
+    rt = setup_runtime(tc)
+    timed = _fake_pace(monkeypatch, 0.02)
+    law = ScalingLaw(E=1.5, A=30.0, B=400.0, alpha=0.34, beta=0.28)
+    tokens_per_step = tc.batch_size * 64
+    chosen = choose_size(model_cfg, tc, rt, 64, 60.0, 10**9, tokens_per_step, None, law=law, say=lambda s: None)
+
+    def predicted(name):  # the same arithmetic, from the fake pace, for every size
+        m = __import__("tinylm.model", fromlist=["Transformer"]).Transformer(shaped(model_cfg, name))
+        step = m.flops_per_token(64) * tokens_per_step / 1e9 * 0.02
+        return law.loss(m.num_params(embeddings=False), 60.0 / step * tokens_per_step, 10**9)
+
+    losses = {name: predicted(name) for name in LADDER}
+    best = min(losses, key=losses.get)
+    assert chosen.name == best and chosen.loss == pytest.approx(losses[best])
+    order = list(LADDER)
+    assert len(timed) == order.index(best) + 2  # one past the best was timed, none after it
+
+
+def test_a_size_the_budget_cannot_train_is_not_timed(monkeypatch):
+    from tinylm.train import setup_runtime
+
+    tc = load_config("tiny", {"train.compile": "false", "train.max_steps": 0, "train.max_time": 1}).train
+    timed = _fake_pace(monkeypatch, 0.05)
+    law = ScalingLaw(E=1.5, A=1e6, B=1e-9, alpha=0.34, beta=0.28)  # bigger is always better
+    chosen = choose_size(ModelConfig(size="auto", max_seq_len=64, vocab_size=512), tc, setup_runtime(tc), 64, 1.0,
+                         10**9, tc.batch_size * 64, None, law=law, say=lambda s: None)
+    assert chosen.name == "xs" and len(timed) == 1  # "s" would make fewer than MIN_STEPS: not even measured
+
+
+def _sized(prepared, size: str, **overrides):
+    cfg = tiny_config(prepared["cfg"].data.corpus[0], **overrides)
+    return dataclasses.replace(cfg, model=ModelConfig(size=size, max_seq_len=cfg.model.max_seq_len))
+
+
+def test_a_run_trains_the_size_it_names_and_auto_needs_a_time_budget(prepared, tmp_path):
+    pretrain(_sized(prepared, "xs", **{"train.max_steps": 2, "train.save_every": 0}), prepared["shards"], tmp_path / "xs")
+    saved = checkpoint_model_config(latest_checkpoint(tmp_path / "xs"))
+    assert (saved.size, saved.dim, saved.n_layers) == ("", 128, 4)  # a checkpoint records the shape
+    with pytest.raises(ConfigError, match="needs|time budget"):
+        pretrain(_sized(prepared, "auto", **{"train.max_steps": 2}), prepared["shards"], tmp_path / "auto")
+
+
+def test_auto_trains_what_it_chose_and_a_resumed_run_keeps_it(prepared, tmp_path, monkeypatch):
+    chosen = []
+    real = sizing.choose_size
+
+    def spy(*args, **kwargs):
+        chosen.append(real(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(sizing, "choose_size", spy)
+    _fake_pace(monkeypatch, 0.5)
+    cfg = _sized(prepared, "auto", **{"train.max_steps": 0, "train.max_time": 2, "train.save_every": 0,
+                                      "train.compile": "false"})
+    pretrain(cfg, prepared["shards"], tmp_path)
+    saved = checkpoint_model_config(latest_checkpoint(tmp_path))
+    assert len(chosen) == 1 and (saved.dim, saved.n_layers) == (chosen[0].model.dim, chosen[0].model.n_layers)
+    pretrain(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_time=3)), prepared["shards"], tmp_path)
+    assert len(chosen) == 1  # resumed: its checkpoint's shape, nothing measured again
