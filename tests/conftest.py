@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,12 @@ from tinylm.prepare import shards_stage, tokenizer_stage
 
 DATA = Path(__file__).resolve().parent / "data"  # small real text, committed (see data/README.md)
 STORIES = DATA / "tinystories_450.txt"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """Measured compile costs and CPU peaks go to a cache of the test session, not the user's."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

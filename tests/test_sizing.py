@@ -129,3 +129,17 @@ def test_auto_trains_what_it_chose_and_a_resumed_run_keeps_it(prepared, tmp_path
     assert len(chosen) == 1 and (saved.dim, saved.n_layers) == (chosen[0].model.dim, chosen[0].model.n_layers)
     pretrain(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_time=3)), prepared["shards"], tmp_path)
     assert len(chosen) == 1  # resumed: its checkpoint's shape, nothing measured again
+
+
+def test_a_cpu_peak_read_low_under_load_gives_way_to_the_best_seen(tmp_path, monkeypatch):
+    import torch
+
+    from tinylm.device import best_cpu_peak
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert best_cpu_peak(torch.bfloat16, 4e11) == 4e11
+    assert best_cpu_peak(torch.bfloat16, 1.5e11) == 4e11  # a neighbour halved this one: the earlier stands
+    assert best_cpu_peak(torch.bfloat16, 5e11) == 5e11 and best_cpu_peak(torch.bfloat16, 1e11) == 5e11
+    assert best_cpu_peak(torch.float32, 1e11) == 1e11  # each precision apart
+    (tmp_path / "tinylm" / "peak.json").write_text("not json")
+    assert best_cpu_peak(torch.bfloat16, 2e11) == 2e11  # a damaged cache is no error
