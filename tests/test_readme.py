@@ -83,6 +83,8 @@ def test_quick_start_exactly_as_written(tmp_path):
     common = {"the", "i", "you", "to", "a", "and", "is", "it", "that", "of", "what", "do", "like", "have"}
     assert sum(w in common for w in words) > 0.15 * len(words)  # recognisable English, not byte soup
     assert (tmp_path / "runs/default/report.html").is_file() and (tmp_path / "runs/default/report/sft.png").is_file()
+    verdict = [ln for ln in result.stdout.splitlines() if ln.startswith("run: ")]
+    assert verdict and "of the 15m00s planned" in verdict[-1] and "late" not in verdict[-1]  # the promised time holds
     print(result.stdout[-3000:])
 
 

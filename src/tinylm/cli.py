@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .config import Config, ConfigError, EvalConfig, help_text, load_config, preset_names, to_toml
@@ -42,7 +43,7 @@ VERBS = {
 
 
 # The config sections each verb reads; an override of any other section is refused, not ignored.
-ALL_SECTIONS = ("model", "tokenizer", "data", "collect", "clean", "train", "sft", "dpo", "lora", "sample", "eval")
+ALL_SECTIONS = ("model", "tokenizer", "data", "collect", "clean", "train", "sft", "dpo", "lora", "sample", "eval", "run")
 VERB_SECTIONS = {
     "run": ALL_SECTIONS, "collect": ("collect",), "clean": ("data", "clean"),
     "tokenizer": ("data", "tokenizer", "model"), "shards": ("data",), "pretrain": ("model", "train"),
@@ -169,13 +170,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args, overrides) -> int:
+    started = time.monotonic()  # run.max_time counts from here, importing torch included
     from .pipeline import run
 
     out = Path(args.out or "runs/default")
     # rerunning a run directory without --config continues with the config it was made with
     saved = out / "config.toml"
     cfg = load_config(args.config or (str(saved) if saved.is_file() else "cpu-demo"), overrides)
-    return _leave_process_group(_exit_code(run(cfg, out, dpo=args.dpo)))  # under torchrun, as pretrain and sft do
+    return _leave_process_group(_exit_code(run(cfg, out, dpo=args.dpo, started=started)))  # under torchrun, as pretrain and sft do
 
 
 def _leave_process_group(code: int) -> int:

@@ -168,7 +168,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
     max_epochs: float = 0.0  # stop after this many passes over the training tokens (0 = no limit)
     max_tokens: int = 0  # stop after this many training tokens (0 = no limit)
-    max_time: float = 0.0  # stop after this many seconds of training (0 = no limit)
+    max_time: float = 0.0  # stop after this many seconds of the stage's wall time: steps, validations and checkpoint saves (0 = no limit); with run.max_time set, `tinylm run` gives the stage its share of the run instead and this value is the weight of that share
     eval_every: int = 100  # validation every N steps (0 = only at the end)
     eval_batches: int = 20  # micro-batches per validation
     log_every: int = 10  # one log line every N steps
@@ -270,6 +270,11 @@ class EvalConfig:
 
 
 @dataclass
+class RunConfig:
+    max_time: float = 0.0  # seconds of wall time for the whole `tinylm run`, every stage included; the training stages share what the others leave, in the ratio of their train.max_time (0 = no whole-run limit: each training stage keeps its own train.max_time)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -282,6 +287,7 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -309,6 +315,8 @@ class Config:
         if self.train.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', not {self.train.parallel!r}")
         self._validate_lora()
+        if not 0.0 <= self.run.max_time < math.inf:
+            raise ConfigError(f"run.max_time is seconds of the whole run, >= 0 (0 = no limit), not {self.run.max_time}")
         if self.dpo.beta <= 0:
             raise ConfigError(f"dpo.beta must be > 0, not {self.dpo.beta}")
         for name, value in (("data.val_fraction", self.data.val_fraction), ("sft.val_fraction", self.sft.val_fraction),
@@ -514,6 +522,6 @@ def help_text(sections=None) -> str:
 
 
 __all__ = [
-    "CleanConfig", "CollectConfig", "Config", "ConfigError", "DataConfig", "DPOConfig", "LoRAConfig", "ModelConfig", "SFTConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
+    "CleanConfig", "CollectConfig", "Config", "ConfigError", "DataConfig", "DPOConfig", "LoRAConfig", "ModelConfig", "RunConfig", "SFTConfig", "SampleConfig", "TokenizerConfig", "TrainConfig",
     "config_from_dict", "load_config", "preset_names", "to_toml",
 ]

@@ -33,6 +33,7 @@ from .conversations import SFTBatches, SFTRows, validate_messages
 from .corpus import BUILTIN, CorpusError, builtin_conversations, corpus_files, files_fingerprint, is_validation, jsonl_records
 from .data import EpochBatches
 from .files import atomic_dir, hash_json, write_json
+from .plan import RunPlan
 from .prepare import _fresh, say
 from .shards import token_dtype
 from .tokenizer import Tokenizer
@@ -257,9 +258,11 @@ def pairs_data_stage(cfg: Config, checkpoint: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def dpo(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runtime | None = None) -> dict:
+def dpo(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runtime | None = None,
+        plan: RunPlan | None = None) -> dict:
     """Align a checkpoint on preference pairs with the training loop; resumes like every stage. Held-out
-    preference accuracy before and after goes to out_dir/preference_eval.json."""
+    preference accuracy before and after goes to out_dir/preference_eval.json. Within `tinylm run`,
+    `plan` times the stage and gives it its max_time."""
     from .checkpoint import find_checkpoint, load_checkpoint
     from .pipeline import VAL_SEED, fine_tuning_start
 
@@ -267,7 +270,7 @@ def dpo(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runti
     rt = rt or setup_runtime(cfg.stage_train("dpo"))
     data_dir = out_dir / "data"
     cfg = fine_tuning_start(cfg, "dpo", init_checkpoint, out_dir, rt,
-                            lambda: pairs_data_stage(cfg, init_checkpoint, data_dir))
+                            lambda: pairs_data_stage(cfg, init_checkpoint, data_dir), plan)
     tc, tok = cfg.train, Tokenizer.load(init_checkpoint)
     seq, batch = cfg.model.max_seq_len, tc.batch_size
     batches = PairBatches.load(data_dir, "train", seq, batch, tok.pad_id, tc.seed, rt.rank, rt.world)

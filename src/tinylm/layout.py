@@ -5,6 +5,7 @@
     RUN/pretrain/checkpoints/step-N/                  a training stage's checkpoints
     RUN/sft/data/  sft/checkpoints/step-N/            fine-tuning: its conversations, its checkpoints
     RUN/dpo/data/  dpo/checkpoints/step-N/            preference alignment (`tinylm run --dpo`): its pairs, its checkpoints
+    RUN/plan.json                                     the run plan: each stage's planned and actual seconds
     RUN/samples.json  demo_chat.json  report.html  report.md  report/
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TRAINING_STAGES = ("pretrain", "sft", "dpo")  # in the order they run
-FILES = {"config": "config.toml", "samples": "samples.json", "demo_chat": "demo_chat.json",
+FILES = {"config": "config.toml", "plan": "plan.json", "samples": "samples.json", "demo_chat": "demo_chat.json",
          "report_html": "report.html", "report_md": "report.md", "report_images": "report"}
 
 

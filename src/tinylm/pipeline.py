@@ -5,7 +5,8 @@
 
 Every stage writes its outputs with a `meta.json` that records an `inputs_hash` (what the stage
 read and the settings it used). `tinylm run` skips a stage whose hash is unchanged, resumes a
-training stage from its newest checkpoint, and redoes anything half-written.
+training stage from its newest checkpoint, and redoes anything half-written. With run.max_time set,
+it keeps to that time, every stage included (plan.py: the budgets, RUN/plan.json).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError, to_toml
+from .config import Config, ConfigError, TrainConfig, to_toml
 from .corpus import SPLIT_KEYS, corpus_files, files_fingerprint, load_split_keys
 from .data import PackedBatches
 from .files import claim_folder, hash_json, output_lock, read_json, sha256_file, write_json, write_text
 from .layout import RunLayout, sft_data
+from .plan import RunPlan, corpus_bytes
 from .prepare import _fresh, has_sources, prepare_data, say
 from .conversations import SFTBatches, SFTRows, build_sft_shards, held_out_summary, read_conversations
 from .shards import load_split
@@ -139,15 +142,17 @@ def sft_data_stage(cfg: Config, checkpoint: Path, out_dir: Path, progress: bool 
     return out_dir
 
 
-def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runtime | None = None) -> dict:
-    """Fine-tune a checkpoint on conversations with the same training loop; resumes like pretraining."""
+def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runtime | None = None,
+        plan: RunPlan | None = None) -> dict:
+    """Fine-tune a checkpoint on conversations with the same training loop; resumes like pretraining.
+    Within `tinylm run`, `plan` times the stage and gives it its max_time."""
     from .checkpoint import find_checkpoint
 
     init_checkpoint, out_dir = find_checkpoint(init_checkpoint), Path(out_dir)
     rt = rt or setup_runtime(cfg.stage_train("sft"))
     data_dir = sft_data(out_dir)
     cfg = fine_tuning_start(cfg, "sft", init_checkpoint, out_dir, rt,
-                            lambda: sft_data_stage(cfg, init_checkpoint, data_dir))
+                            lambda: sft_data_stage(cfg, init_checkpoint, data_dir), plan)
     tc, tok = cfg.train, Tokenizer.load(init_checkpoint)
     seq, batch = cfg.model.max_seq_len, tc.batch_size
     batches = SFTBatches(SFTRows.load(data_dir, "train"), seq, batch, tok.pad_id, tc.seed, rt.rank, rt.world)
@@ -163,12 +168,15 @@ def sft(cfg: Config, init_checkpoint: str | Path, out_dir: str | Path, rt: Runti
 
 
 def fine_tuning_start(cfg: Config, stage: str, init_checkpoint: Path, out_dir: Path, rt: Runtime,
-                      build_data: Callable[[], object]) -> Config:
+                      build_data: Callable[[], object], plan: RunPlan | None = None) -> Config:
     """What every fine-tuning stage (SFT, DPO) does before training: claim its folder (before its data
     goes in), set aside checkpoints fine-tuned from another base, build its data on rank 0 while the
-    others wait; returns the config it trains with (the base's model, the stage's [STAGE.train])."""
+    others wait; returns the config it trains with (the base's model, the stage's [STAGE.train], with
+    the max_time the run plan gives it once its data is built)."""
     from .checkpoint import checkpoint_model_config
 
+    if plan is not None:
+        plan.begin(f"{stage} data")
     if rt.is_main:
         claim_folder(out_dir, stage, inputs=(init_checkpoint,), legacy=("checkpoints",))
         _set_aside_if_base_changed(out_dir, init_checkpoint)
@@ -176,7 +184,38 @@ def fine_tuning_start(cfg: Config, stage: str, init_checkpoint: Path, out_dir: P
     if rt.distributed:
         dist.barrier()
     tc = dataclasses.replace(cfg.stage_train(stage), init_from=str(init_checkpoint))
+    tc = budgeted(plan, stage, tc, out_dir, rt)
     return dataclasses.replace(cfg, model=checkpoint_model_config(init_checkpoint), train=tc)
+
+
+def budgeted(plan: RunPlan | None, stage: str, tc: TrainConfig, out_dir: Path, rt: Runtime) -> TrainConfig:
+    """The training stage's settings with the max_time the run plan gives it now, from the real clock
+    (the same on every rank); unchanged without a whole-run limit (run.max_time = 0).
+
+    A stage that resumes keeps the max_time its checkpoint was trained with: train._restore takes the
+    step and the elapsed time from the checkpoint but max_time from the config, and the learning-rate
+    schedule is in units of max_time, so another value would move the run to another point of it."""
+    from .checkpoint import latest_checkpoint, read_meta
+
+    if plan is None:
+        return tc
+    plan.begin(stage)
+    if not plan.max_time:
+        return tc
+    seconds = 0.0
+    if rt.is_main:
+        ckpt = latest_checkpoint(out_dir) if tc.resume else None
+        if ckpt is None:
+            seconds = plan.budget(stage)
+        else:
+            meta = read_meta(ckpt)
+            seconds = float(meta["config"]["train"]["max_time"])
+            plan.resumed(stage, seconds, meta["trainer"]["elapsed"])
+    if rt.distributed:
+        agreed = torch.tensor([seconds], dtype=torch.float64, device=rt.device)
+        dist.broadcast(agreed, src=0)
+        seconds = agreed.item()
+    return dataclasses.replace(tc, max_time=seconds)
 
 
 def _set_aside_if_base_changed(out_dir: Path, init_checkpoint: Path) -> None:
@@ -211,10 +250,12 @@ def print_samples(checkpoint: str | Path, cfg: Config, out_file: Path | None = N
     return samples
 
 
-def run(cfg: Config, run_dir: str | Path, progress: bool = True, dpo: bool = False) -> dict:
+def run(cfg: Config, run_dir: str | Path, progress: bool = True, dpo: bool = False,
+        started: float | None = None) -> dict:
     """[collect -> clean ->] tokenizer -> shards -> pretrain -> samples -> SFT -> demo chat [-> DPO] under run_dir.
 
-    Up-to-date stages are skipped; training stages resume from their newest checkpoint.
+    Up-to-date stages are skipped; training stages resume from their newest checkpoint. run.max_time
+    counts from `started` (a time.monotonic() reading: the command's start) or from now.
     """
     run_dir = Path(run_dir)
     runtime_fields = ("device", "dtype", "deterministic", "parallel")
@@ -228,10 +269,10 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True, dpo: bool = Fal
     check_inputs(cfg, dpo)  # every file the run will read, before its first stage
     rt = setup_runtime(cfg.train)
     if not rt.is_main:
-        return _run(cfg, run_dir, rt, progress, dpo)
+        return _run(cfg, run_dir, rt, progress, dpo, started)
     with output_lock(run_dir):
         claim_folder(run_dir, "run", legacy=("config.toml", "tokenizer"))
-        return _run(cfg, run_dir, rt, progress, dpo)
+        return _run(cfg, run_dir, rt, progress, dpo, started)
 
 
 def check_inputs(cfg: Config, dpo: bool = False) -> None:
@@ -251,42 +292,69 @@ def check_inputs(cfg: Config, dpo: bool = False) -> None:
             raise ConfigError(f"eval.choice: {spec}: no such file")
 
 
-def _run(cfg: Config, run_dir: Path, rt: Runtime, progress: bool, dpo: bool = False) -> dict:
+def _run(cfg: Config, run_dir: Path, rt: Runtime, progress: bool, dpo: bool = False,
+         started: float | None = None) -> dict:
+    """The plan first (printed, and into RUN/plan.json), then every stage; the actual seconds of each
+    stage go into plan.json beside the planned ones, and one line compares the run's wall time with the plan."""
     run_ = RunLayout(run_dir)
+    data_bytes = corpus_bytes([] if has_sources(cfg) else cfg.data.corpus)
+    plan = RunPlan.make(cfg, data_bytes, dpo, say=say if rt.is_main else lambda text: None,
+                        out_file=run_.plan if rt.is_main else None, started=started)
     if rt.is_main:
         write_text(run_.config, to_toml(cfg))
-        prepare_data(cfg, run_dir, progress=progress)
+        say(plan.table())
+    try:
+        summary = _stages(cfg, run_, rt, progress, dpo, plan)
+    finally:
+        plan.finish()
+    if rt.is_main and not summary["stopped_by"]:
+        say(plan.verdict())
+        say(_next_steps(run_dir, summary))
+    return summary
+
+
+def _stages(cfg: Config, run_: RunLayout, rt: Runtime, progress: bool, dpo: bool, plan: RunPlan) -> dict:
+    if rt.is_main:
+        prepare_data(cfg, run_.root, progress=progress, begin=plan.begin)
     if rt.distributed:
         dist.barrier()  # other ranks wait for the data
-    summary = pretrain(cfg, run_.shards, run_.pretrain, rt, run_.tokenizer)
+    budget = dataclasses.replace(cfg, train=budgeted(plan, "pretrain", cfg.train, run_.pretrain, rt))
+    summary = pretrain(budget, run_.shards, run_.pretrain, rt, run_.tokenizer)
     if summary["stopped_by"]:
         return summary  # preempted: the next `tinylm run` resumes here
     if rt.is_main:
+        plan.begin("samples")
         print_samples(summary["checkpoint"], cfg, run_.samples)
-        evaluate_stage(summary["checkpoint"], cfg)
+        _evaluate(plan, "pretrain", summary["checkpoint"], cfg)
     if cfg.sft.corpus:
-        summary = sft(cfg, summary["checkpoint"], run_.sft, rt)
+        summary = sft(cfg, summary["checkpoint"], run_.sft, rt, plan)
         if summary["stopped_by"]:
             return summary
         if rt.is_main:
+            plan.begin("demo chat")
             demo_exchange(summary["checkpoint"], cfg, run_.demo_chat)
-            evaluate_stage(summary["checkpoint"], cfg)
+            _evaluate(plan, "sft", summary["checkpoint"], cfg)
     if dpo:
         from .dpo import dpo as align
 
-        summary = align(cfg, summary["checkpoint"], run_.dpo, rt)
+        summary = align(cfg, summary["checkpoint"], run_.dpo, rt, plan)
         if summary["stopped_by"]:
             return summary
         if rt.is_main:
-            evaluate_stage(summary["checkpoint"], cfg)
-    if rt.is_main:
-        if cfg.eval.enabled:
-            from .report import write_report
+            _evaluate(plan, "dpo", summary["checkpoint"], cfg)
+    if rt.is_main and cfg.eval.enabled:
+        from .report import write_report
 
-            html_path, _ = write_report(run_dir)
-            say(f"\nreport: {html_path} (and report.md beside it)")
-        say(_next_steps(run_dir, summary))
+        plan.begin("report")
+        html_path, _ = write_report(run_.root)
+        say(f"\nreport: {html_path} (and report.md beside it)")
     return summary
+
+
+def _evaluate(plan: RunPlan, stage: str, checkpoint: str | Path, cfg: Config) -> None:
+    if cfg.eval.enabled:
+        plan.begin(f"eval {stage}")
+        evaluate_stage(checkpoint, cfg)
 
 
 def evaluate_stage(checkpoint: str | Path, cfg: Config) -> dict:
@@ -330,7 +398,7 @@ def _next_steps(run_dir: Path, summary: dict) -> str:
             f"  tinylm web {run_dir}                        # ... in the browser (http://127.0.0.1:8501)\n"
             f"  tinylm serve {run_dir}                      # ... through an OpenAI-compatible API\n"
             f"  tinylm generate {run_dir} --prompt \"Hello\"  # continue a prompt\n"
-            f"  tinylm run --out {run_dir} --train.max_time=1200   # train longer (resumes)\n")
+            f"  tinylm run --out {run_dir} --run.max_time=0 --train.max_time=1200   # pretrain longer (resumes)\n")
 
 
 def train_on_documents(documents: list[dict], out_dir: str | Path, config: str | Config = "cpu-demo",

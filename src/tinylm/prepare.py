@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config, to_toml
@@ -159,14 +160,20 @@ def clean_stage(cfg: Config, out_dir: str | Path, force: bool = False, progress:
     return report
 
 
-def prepare_data(cfg: Config, run_dir: Path, progress: bool = True) -> Config:
-    """Every data stage into run_dir; returns the config the training stages should use."""
+def prepare_data(cfg: Config, run_dir: Path, progress: bool = True,
+                 begin: Callable[[str], None] = lambda stage: None) -> Config:
+    """Every data stage into run_dir; returns the config the training stages should use. `begin` is
+    told the name of each stage as it starts (the run plan times them)."""
     run = RunLayout(run_dir)
     if has_sources(cfg):
+        begin("collect")
         raw_files = collect_stage(cfg, run.raw)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=raw_files))
+        begin("clean")
         clean_stage(cfg, run.clean, progress=progress)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=[str(run.clean / "clean.jsonl")]))
+    begin("tokenizer")
     tokenizer_stage(cfg, run.tokenizer, progress=progress)
+    begin("shards")
     shards_stage(cfg, run.tokenizer, run.shards, progress=progress)
     return cfg

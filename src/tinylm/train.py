@@ -150,8 +150,9 @@ class Optimizers:
 
 
 class Pace:
-    """The typical step time (a running mean that skips outliers: the compiling step, a slow save), and
-    from it the steps a time-limited run can expect in all."""
+    """The typical step time (a running mean that skips outliers: the compiling step), and from it the
+    steps a time-limited run can expect in all. It times the steps alone, not the validations and saves
+    between them, so that a warm-up in a share of the steps stays a share of the steps."""
 
     def __init__(self, tc: TrainConfig):
         self.tc, self.step_s = tc, None
@@ -165,7 +166,7 @@ class Pace:
             return float(total_steps)
         if not self.tc.max_time or self.step_s is None:
             return None
-        return progress.step + max(0.0, self.tc.max_time - progress.elapsed) / self.step_s
+        return progress.step + max(0.0, self.tc.max_time - progress.elapsed - progress.reserve) / self.step_s
 
 
 def lr_at(step: int, progress: float, tc: TrainConfig, expected_steps: float | None = None) -> float:
@@ -197,7 +198,8 @@ class Progress:
     """Where training stands; saved in every checkpoint."""
     step: int = 0
     tokens: int = 0
-    elapsed: float = 0.0  # seconds of training, summed over resumptions
+    elapsed: float = 0.0  # seconds of the stage's wall time (steps, validations, saves), summed over resumptions
+    reserve: float = 0.0  # seconds kept back for the final validation and checkpoint save
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
     best_val_loss: float = float("inf")
@@ -219,10 +221,46 @@ def horizon(tc: TrainConfig, tokens_per_step: int, steps_per_epoch: int) -> int 
 
 
 def fraction_done(p: Progress, tc: TrainConfig, total_steps: int | None) -> float:
+    """How far the run is, 0 to 1: in steps, or in time when that is further. Time is the wall time
+    spent (steps, validations, saves) plus the reserve for the final validation and save, so that a
+    time-limited stage ends, those included, when train.max_time runs out."""
     parts = [p.step / total_steps] if total_steps else []
     if tc.max_time:
-        parts.append(p.elapsed / tc.max_time)
+        parts.append((p.elapsed + p.reserve) / tc.max_time)
     return min(1.0, max(parts))
+
+
+class LoopTime:
+    """The training loop's wall time as train.max_time counts it: laps from the end of one step to the
+    end of the next, so that validations, log lines and checkpoint saves count as steps do; and the
+    durations of the last validation and the last save, from which the stage keeps back time for its
+    final ones."""
+
+    def __init__(self, tc: TrainConfig, validates: bool):
+        self.tc, self.validates = tc, validates
+        self.lap_start = time.perf_counter()
+        self.validation_s = self.save_s = 0.0  # seconds the last one took (0: none yet)
+
+    def lap(self) -> float:
+        """Seconds since the previous lap."""
+        now = time.perf_counter()
+        seconds, self.lap_start = now - self.lap_start, now
+        return seconds
+
+    @contextlib.contextmanager
+    def timing(self, what: str):
+        """Time a validation ("validation_s") or a save ("save_s")."""
+        t0 = time.perf_counter()
+        yield
+        setattr(self, what, time.perf_counter() - t0)
+
+    def reserve(self, validation_s: float, save_s: float, step_s: float) -> float:
+        """Seconds to keep back for the final validation and save: the last ones measured; before the first
+        validation, a third of a micro-batch's step time per validation micro-batch (a forward pass without
+        the backward: cpu-demo measured a quarter)."""
+        if self.validates and not validation_s:
+            validation_s = step_s / 3 * self.tc.eval_batches / self.tc.grad_accum
+        return validation_s + save_s
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -364,6 +402,7 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
     pace = Pace(tc)
     last_saved = progress.step if resume_from else -1
     steps_run = 0
+    loop_time = LoopTime(tc, validates=make_val_batches is not None)
     try:
         while fraction_done(progress, tc, total_steps) < 1.0 and not stop.agreed:
             t0 = time.perf_counter()
@@ -379,9 +418,12 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
             progress.step += 1
             steps_run += 1
             progress.tokens += tokens
-            dt = stop.agree(rt, time.perf_counter() - t0)  # ranks agree on the step time and on stopping
-            progress.elapsed += dt
+            # ranks agree on the times (the slowest rank's) and on stopping; dt is the step's own time
+            dt, lap, validation_s, save_s = stop.agree(rt, time.perf_counter() - t0, loop_time.lap(),
+                                                       loop_time.validation_s, loop_time.save_s)
+            progress.elapsed += lap
             pace.update(dt)
+            progress.reserve = loop_time.reserve(validation_s, save_s, pace.step_s)
             if compile_timer is not None and (said := compile_timer.step(dt)):
                 log.line(said)
                 compile_timer = None
@@ -401,7 +443,8 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
                 record["mfu"] = _figures(record["tflops"] * 1e12 / peak[0])
             finished = fraction_done(progress, tc, total_steps) >= 1.0
             if (tc.eval_every and progress.step % tc.eval_every == 0) or finished:
-                record.update(run_eval())
+                with loop_time.timing("validation_s"):
+                    record.update(run_eval())
             if rt.is_main:
                 if steps_run == PACE_AFTER:
                     log.line(_pace(progress, tc, total_steps, tokens, dt))
@@ -412,7 +455,8 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
                 if tracker:
                     tracker.log(record)
             if (tc.save_every and progress.step % tc.save_every == 0) or finished:
-                save()
+                with loop_time.timing("save_s"):
+                    save()
                 last_saved = progress.step
         if stop.agreed and rt.is_main:
             log.line(f"{stop.name}: stopping after step {progress.step}; a final checkpoint keeps everything "
@@ -421,6 +465,7 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
             save()
     finally:
         stop.restore()
+    progress.elapsed += loop_time.lap()  # the final validation and save (the checkpoint has the figure the loop stopped at)
     bar.close()
     if tracker:
         tracker.close()
@@ -483,16 +528,16 @@ class StopRequest:
     def name(self) -> str | None:
         return signal.Signals(self.agreed).name if self.agreed else None
 
-    def agree(self, rt: Runtime, dt: float) -> float:
-        """The slowest rank's step time (time limits must end every rank at the same step); a signal
-        received by any rank becomes `agreed` on all of them."""
-        received = self.received or 0
+    def agree(self, rt: Runtime, *seconds: float) -> list[float]:
+        """The slowest rank's figure of each of `seconds` (time limits must end every rank at the same
+        step); a signal received by any rank becomes `agreed` on all of them."""
+        figures = [*seconds, self.received or 0]
         if rt.distributed:
-            both = torch.tensor([dt, received], dtype=torch.float64, device=rt.device)
+            both = torch.tensor(figures, dtype=torch.float64, device=rt.device)
             dist.all_reduce(both, op=dist.ReduceOp.MAX)
-            dt, received = both.tolist()
-        self.agreed = int(received) or None
-        return dt
+            figures = both.tolist()
+        self.agreed = int(figures[-1]) or None
+        return figures[:-1]
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
