@@ -11,6 +11,7 @@ from conftest import tiny_config
 from tinylm import sizing
 from tinylm.checkpoint import checkpoint_model_config, latest_checkpoint
 from tinylm.config import ConfigError, ModelConfig, load_config
+from tinylm.model import Transformer
 from tinylm.pipeline import pretrain
 from tinylm.sizing import LADDER, ScalingLaw, choose_size, effective_tokens, fit_law, shaped
 
@@ -77,7 +78,7 @@ def test_the_choice_is_the_lowest_predicted_loss_and_the_search_stops_past_it(mo
     chosen = choose_size(model_cfg, tc, rt, 64, 60.0, 10**9, tokens_per_step, None, law=law, say=lambda s: None)
 
     def predicted(name):  # the same arithmetic, from the fake pace, for every size
-        m = __import__("tinylm.model", fromlist=["Transformer"]).Transformer(shaped(model_cfg, name))
+        m = Transformer(shaped(model_cfg, name))
         step = m.flops_per_token(64) * tokens_per_step / 1e9 * 0.02
         return law.loss(m.num_params(embeddings=False), 60.0 / step * tokens_per_step, 10**9)
 

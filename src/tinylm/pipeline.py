@@ -94,11 +94,10 @@ def model_for_budget(cfg: Config, out_dir: Path, rt: Runtime, unique_tokens: int
     t0 = time.perf_counter()
     name = [None, 0.0]
     if rt.is_main:
-        limits = [tc.max_epochs * unique_tokens if tc.max_epochs else 0, tc.max_tokens,
-                  tc.max_steps * tc.batch_size * tc.grad_accum * cfg.model.max_seq_len * rt.world]
+        tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.max_seq_len * rt.world
+        limits = [tc.max_epochs * unique_tokens if tc.max_epochs else 0, tc.max_tokens, tc.max_steps * tokens_per_step]
         chosen = sizing.choose_size(cfg.model, tc, rt, cfg.model.max_seq_len, tc.max_time, unique_tokens,
-                                    tc.batch_size * tc.grad_accum * cfg.model.max_seq_len * rt.world,
-                                    min([x for x in limits if x], default=None), say=say)
+                                    tokens_per_step, min([x for x in limits if x], default=None), say=say)
         name = [chosen.name, time.perf_counter() - t0]
     if rt.distributed:  # every rank trains what rank 0 measured, for as long
         dist.broadcast_object_list(name, src=0)
