@@ -159,7 +159,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
     schedule: str = "cosine"  # after warm-up: "cosine" decay to min_lr_ratio, or "wsd" (warmup-stable-decay: the peak held, then a linear decay over the last decay_fraction)
     decay_fraction: float = 0.3  # "wsd": the share of the run spent decaying
-    warmup_steps: int = 100  # linear warm-up, in optimizer steps (unused when warmup_fraction is set)
+    warmup_steps: int = 100  # linear warm-up, in optimizer steps; with warmup_fraction, the fewest it takes (up to a quarter of the run)
     warmup_fraction: float = 0.0  # linear warm-up as a share of the run (of max_time when time ends it): every machine reaches the peak
     weight_decay: float = 0.1  # weight decay (decoupled), applied to matrices only
     beta1: float = 0.9  # AdamW beta1

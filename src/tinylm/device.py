@@ -9,17 +9,29 @@ count, on square products (a quarter of a second).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import torch
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still allow its bf16 products; lower caps emulate them
+_ONEDNN_BF16_ISAS = ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_")
+
+
 def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX) and torch may use
+    them: `ATEN_CPU_CAPABILITY=avx2` or an `ONEDNN_MAX_CPU_ISA` below AVX512_CORE_BF16 make bf16
+    products emulated (~150x slower than fp32), so those count as no bf16."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
+        return False
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap and not cap.startswith(_ONEDNN_BF16_ISAS):
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
