@@ -40,7 +40,8 @@ def test_pretraining_lowers_validation_loss(prepared, tmp_path):
 def test_resumed_run_ends_with_the_same_weights(prepared, tmp_path):
     """Steps 7-12 replayed from the step-6 checkpoint give bit-identical weights."""
     cfg = _cfg(prepared, **{"train.max_steps": 12, "train.save_every": 6, "train.keep_last": 5,
-                            "train.eval_every": 4, "model.dropout": 0.1, "train.grad_accum": 2})
+                            "train.eval_every": 4, "model.dropout": 0.1, "train.grad_accum": 2,
+                            "train.dropout_from_epoch": 0.06})  # turned on after the step-6 save (epoch 0.041)
     pretrain(cfg, prepared["shards"], tmp_path / "straight")
     resumed = tmp_path / "resumed" / "checkpoints"
     resumed.mkdir(parents=True)
@@ -50,9 +51,30 @@ def test_resumed_run_ends_with_the_same_weights(prepared, tmp_path):
     b = _weights(resumed / "step-0000012")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "dropout: on from step 10 " in (tmp_path / "resumed" / "train.log").read_text()
     # and the replay really trained: step 12 differs from step 6
     six = _weights(resumed / "step-0000006")
     assert not all(torch.equal(six[k], b[k]) for k in six)
+
+
+def test_dropout_from_epoch_leaves_the_first_pass_undropped(prepared, tmp_path):
+    """Until train.dropout_from_epoch (1: until the data repeat; 0.02 here), the run is the
+    dropout-free run step for step; from there on dropout is on (the losses part), and the log says
+    from which step."""
+    def losses(name, **overrides):
+        cfg = _cfg(prepared, **{"train.max_steps": 14, "train.save_every": 0, "train.eval_every": 0,
+                                "train.log_every": 1, "train.batch_size": 8, **overrides})
+        pretrain(cfg, prepared["shards"], tmp_path / name)
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [(r["epoch"], r["loss"]) for r in records if "loss" in r], (tmp_path / name / "train.log").read_text()
+
+    plain, _ = losses("plain", **{"model.dropout": 0.0})
+    late, log = losses("late", **{"model.dropout": 0.5, "train.dropout_from_epoch": 0.02})
+    first = int(log.split("dropout: on from step ")[1].split()[0])  # the first step with dropout
+    assert plain[first - 2][0] >= 0.02 > plain[first - 3][0]  # the epoch reached 0.02 after step first - 1
+    assert 3 < first < len(plain) - 2
+    assert plain[: first - 1] == late[: first - 1]
+    assert all(late[i][1] != plain[i][1] for i in range(first - 1, len(plain)))
 
 
 def test_checkpoints_are_pruned_and_latest_is_complete(prepared, tmp_path):

@@ -161,6 +161,7 @@ class TrainConfig:
     decay_fraction: float = 0.3  # "wsd": the share of the run spent decaying
     warmup_steps: int = 100  # linear warm-up, in optimizer steps; with warmup_fraction, the fewest it takes (up to a quarter of the run)
     warmup_fraction: float = 0.0  # linear warm-up as a share of the run (of max_time when time ends it): every machine reaches the peak
+    dropout_from_epoch: float = 0.0  # model.dropout and attention_dropout apply from this pass over the training tokens on: 0 = from the start, 1 = once the data repeat (the first pass cannot overfit; dropout there only slows learning)
     weight_decay: float = 0.1  # weight decay (decoupled), applied to matrices only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
@@ -312,6 +313,8 @@ class Config:
         for name in ("warmup_fraction", "decay_fraction"):
             if not 0.0 <= getattr(self.train, name) <= 1.0:
                 raise ConfigError(f"train.{name} is a share of the run, between 0 and 1, not {getattr(self.train, name)}")
+        if not 0.0 <= self.train.dropout_from_epoch < math.inf:
+            raise ConfigError(f"train.dropout_from_epoch is a pass over the training tokens, >= 0, not {self.train.dropout_from_epoch}")
         if self.train.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', not {self.train.parallel!r}")
         self._validate_lora()

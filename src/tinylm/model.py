@@ -207,6 +207,16 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # parameters() already skips the shared tensor
         return n if embeddings else n - self.tok_embeddings.weight.numel()
 
+    def set_dropout(self, on: bool) -> bool:
+        """Turn `dropout` and `attention_dropout` on (the config's rates) or off for training
+        (`train.dropout_from_epoch`); True if that changed anything. The weights are untouched."""
+        changed = False
+        for block in self.layers:
+            p, attn_p = (self.cfg.dropout, self.cfg.attention_dropout) if on else (0.0, 0.0)
+            changed |= block.drop.p != p or block.attn.dropout != attn_p
+            block.drop.p, block.attn.dropout = p, attn_p
+        return changed
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None).
 
