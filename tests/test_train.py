@@ -148,6 +148,35 @@ def test_a_warmup_share_has_a_floor_in_steps_up_to_a_quarter_of_the_run():
     assert lr_at(0, 0.2, tc) == pytest.approx(1 / 30)  # before the pace is known: the longer of the two
 
 
+def test_muon_in_fp32_makes_torchs_bf16_update():
+    """tinylm's Muon with the Newton-Schulz iteration in fp32 (for CPUs without bf16) against
+    torch.optim.Muon (bf16): the same update to bf16 rounding, over three steps of momentum, on a
+    wide and a tall matrix; in fp64 the iteration leaves every singular value near 1 (0.5-1.5,
+    Jordan et al.) whatever the input's scale."""
+    from tinylm.train import Muon, newton_schulz
+
+    torch.manual_seed(0)
+    start = [torch.randn(48, 96), torch.randn(96, 48)]
+    ours = [torch.nn.Parameter(w.clone()) for w in start]
+    theirs = [torch.nn.Parameter(w.clone()) for w in start]
+    kwargs = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    opt_ours, opt_theirs = Muon(ours, ns_dtype=torch.float32, **kwargs), torch.optim.Muon(theirs, **kwargs)
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in start]
+        for params, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for w, a, b in zip(start, ours, theirs):
+        moved_a, moved_b = a.detach() - w, b.detach() - w
+        assert moved_b.norm() > 0.005 * w.norm()  # torch moved it (~1% in three steps)
+        assert (moved_a - moved_b).norm() < 0.03 * moved_b.norm()
+    for scale in (1e-3, 1.0, 1e3):
+        sv = torch.linalg.svdvals(newton_schulz(scale * torch.randn(32, 80, dtype=torch.float64),
+                                                (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float64))
+        assert 0.4 < sv.min() and sv.max() < 1.6
+
+
 def test_muon_trains_the_hidden_matrices_and_resumes_exactly(prepared, tmp_path):
     from tinylm.model import Transformer
     from tinylm.train import Optimizers, build_optimizer
