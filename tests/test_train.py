@@ -109,11 +109,19 @@ def test_trainer_state_loads_without_unpickling_code(prepared, tmp_path):
     assert {"optimizer", "scaler", "rng_cpu"} <= set(state)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_both_precisions_train(prepared, tmp_path, dtype):
-    cfg = _cfg(prepared, **{"train.max_steps": 3, "train.dtype": dtype, "train.eval_every": 3})
+@pytest.mark.parametrize("dtype,optimizer", [("fp32", "adamw"), ("bf16", "adamw"), ("fp16", "adamw"), ("fp16", "muon")])
+def test_both_precisions_train(prepared, tmp_path, dtype, optimizer):
+    """Every precision trains; fp16's gradient scaler also drives Muon beside AdamW (the default
+    run's optimizer on a GPU without bf16)."""
+    cfg = _cfg(prepared, **{"train.max_steps": 6, "train.dtype": dtype, "train.eval_every": 3,
+                            "train.optimizer": optimizer})
     summary = pretrain(cfg, prepared["shards"], tmp_path)
     assert math.isfinite(summary["best_val_loss"])
+    val = [json.loads(line)["val_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert val[-1] < val[0]
+    if dtype == "fp16":
+        state = torch.load(latest_checkpoint(tmp_path) / "trainer_state.pt", weights_only=True)
+        assert state["scaler"]["scale"] > 0
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -146,6 +154,31 @@ def test_a_warmup_share_has_a_floor_in_steps_up_to_a_quarter_of_the_run():
     assert lr_at(49, 0.05, tc, expected_steps=2000) == pytest.approx(50 / 100)  # the share: 100 steps, not 30
     assert lr_at(4, 0.1, tc, expected_steps=40) == pytest.approx(5 / 10)  # the floor capped at 40 / 4
     assert lr_at(0, 0.2, tc) == pytest.approx(1 / 30)  # before the pace is known: the longer of the two
+
+
+def test_the_gradient_scaler_unscales_and_skips_both_optimizers():
+    """fp16 with Muon: GradScaler unscales AdamW's and Muon's gradients alike, and an overflow skips
+    both steps (and halves the scale)."""
+    from tinylm.config import ModelConfig
+    from tinylm.model import Transformer
+    from tinylm.train import build_optimizer
+
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=2, vocab_size=100))
+    opt = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    matrix, embedding = model.layers[0].attn.wq.weight, model.tok_embeddings.weight
+    for grad, moves in ((1024.0, True), (float("inf"), False)):
+        scaler.scale(torch.ones(()))
+        for p in model.parameters():
+            p.grad = torch.full_like(p, grad)
+        scaler.unscale_(opt)
+        if moves:
+            assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+        before = matrix.detach().clone(), embedding.detach().clone()
+        scaler.step(opt)
+        scaler.update()
+        assert (not torch.equal(before[0], matrix)) == moves and (not torch.equal(before[1], embedding)) == moves
+    assert scaler.get_scale() == 512.0
 
 
 def test_muon_in_fp32_makes_torchs_bf16_update():

@@ -169,7 +169,7 @@ class Muon(torch.optim.Muon):
 
 class Optimizers:
     """Several optimizers stepped as one (each owns its own parameters): what the loop, the checkpoint
-    and GradScaler (disabled: fp16 is refused with Muon) need of `torch.optim.Optimizer`."""
+    and GradScaler (fp16: it unscales every group, then steps all or none) need of `torch.optim.Optimizer`."""
 
     def __init__(self, *optimizers: torch.optim.Optimizer):
         self.optimizers = optimizers
@@ -400,10 +400,9 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
         add_adapters(model, cfg.lora)
     if is_sharded(rt, tc):
         shard(model, rt)  # before the optimizer, which must see the sharded parameters
-    if tc.optimizer == "muon" and (rt.dtype == torch.float16 or is_sharded(rt, tc)):
-        raise ConfigError("train.optimizer = 'muon' works with bf16 or fp32 in one process or DDP; "
-                          f"this run uses {'fp16 with a gradient scaler' if rt.dtype == torch.float16 else 'FSDP'}: "
-                          "use train.optimizer = 'adamw' here")
+    if tc.optimizer == "muon" and is_sharded(rt, tc):
+        raise ConfigError("train.optimizer = 'muon' works in one process or with DDP, not with FSDP (its "
+                          "orthogonalisation needs whole matrices): use train.optimizer = 'adamw' or train.parallel = 'ddp'")
     optimizer = build_optimizer(model, tc, rt.device, sharded=is_sharded(rt, tc))
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     progress = Progress()
