@@ -465,7 +465,8 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
             lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc, pace.expected_steps(progress, total_steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if model.set_dropout(train_batches.progress >= tc.dropout_from_epoch) and progress.step and rt.is_main:
+            dropout_on = train_batches.progress >= tc.dropout_from_epoch
+            if model.set_dropout(dropout_on) and dropout_on and progress.step and rt.is_main:
                 log.line(f"dropout: on from step {progress.step + 1:,} (epoch {train_batches.progress:.2f}; "
                          f"train.dropout_from_epoch={tc.dropout_from_epoch:g})")
             loss_value, grad_norm, tokens = step(train_batches)  # tokens: real ones, padding not counted
