@@ -156,6 +156,38 @@ def test_a_warmup_share_has_a_floor_in_steps_up_to_a_quarter_of_the_run():
     assert lr_at(0, 0.2, tc) == pytest.approx(1 / 30)  # before the pace is known: the longer of the two
 
 
+def test_bf16_counts_as_native_only_where_torch_may_use_it(monkeypatch):
+    """A CPU with AVX512-BF16 trains in bf16 unless torch's kernels are capped below it (then bf16
+    products are emulated): ATEN_CPU_CAPABILITY=avx2 or ONEDNN_MAX_CPU_ISA=AVX2 mean fp32; Muon's
+    iteration follows."""
+    import tinylm.device as device
+    from tinylm.train import build_optimizer
+    from tinylm.config import ModelConfig
+    from tinylm.model import Transformer
+
+    class CpuInfo:
+        def __init__(self, path):
+            pass
+
+        def read_text(self):
+            return "flags : fpu avx2 avx512f avx512_bf16"
+
+    monkeypatch.setattr(device, "Path", CpuInfo)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    cpu = torch.device("cpu")
+    model = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=2, vocab_size=100))
+    muon_dtype = lambda: build_optimizer(model, TrainConfig(optimizer="muon"), cpu).optimizers[1].ns_dtype
+    assert device.pick_dtype("auto", cpu) == torch.bfloat16 and muon_dtype() == torch.bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
+    assert device.cpu_supports_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert device.pick_dtype("auto", cpu) == torch.float32 and muon_dtype() == torch.float32
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert device.pick_dtype("auto", cpu) == torch.float32
+
+
 def test_the_gradient_scaler_unscales_and_skips_both_optimizers():
     """fp16 with Muon: GradScaler unscales AdamW's and Muon's gradients alike, and an overflow skips
     both steps (and halves the scale)."""
