@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import pytest
 
 from conftest import tiny_config
 from tinylm import sizing
-from tinylm.checkpoint import checkpoint_model_config, latest_checkpoint
+from tinylm.checkpoint import checkpoint_config, checkpoint_model_config, latest_checkpoint
 from tinylm.config import ConfigError, ModelConfig, load_config
 from tinylm.model import Transformer
 from tinylm.pipeline import pretrain
@@ -28,17 +30,49 @@ def test_repeated_tokens_count_less_and_less():
 
 def test_the_fit_recovers_a_law_it_was_given():
     truth = ScalingLaw(E=1.7, A=40.0, B=300.0, alpha=0.34, beta=0.28)
-    points = [(n, d, 2e6, truth.loss(n, d, 2e6)) for n in (3e5, 1e6, 4e6, 1.5e7) for d in (1e6, 5e6, 2e7)]
+    points = [(n, d, 2e6, 4096, truth.loss(n, d, 2e6)) for n in (3e5, 1e6, 4e6, 1.5e7) for d in (1e6, 5e6, 2e7)]
     law, rms = fit_law(points)
     assert rms < 1e-6 and (law.alpha, law.beta) == (truth.alpha, truth.beta)
+    assert law.noise_scale == 0  # one batch cannot tell a noise scale from B
     assert law.loss(2e6, 8e6, 2e6) == pytest.approx(truth.loss(2e6, 8e6, 2e6), abs=1e-6)
 
 
-def test_the_shipped_law_prefers_more_parameters_and_more_data():
+def test_the_fit_recovers_the_noise_scale_from_points_at_several_batches():
+    truth = ScalingLaw(E=1.7, A=40.0, B=120.0, alpha=0.34, beta=0.28, noise_scale=2048.0 * 4 ** 4.762,
+                       noise_exponent=4.762)  # 2,048 tokens at a loss of 4 nats, more below
+    points = [(n, d, 2e6, b, truth.loss(n, d, 2e6, b)) for n in (3e5, 1e6, 4e6) for d in (3e6, 1e7, 3e7)
+              for b in (256, 1024, 2048)]
+    assert all(3 < p[-1] < 6 for p in points)
+    assert truth.loss(3e5, 1e6, 2e6, 4096) == math.inf  # no fixed point: steps this large at this loss do not learn
+    law, rms = fit_law(points)
+    assert rms < 1e-6 and (law.alpha, law.beta, law.noise_exponent) == (truth.alpha, truth.beta, truth.noise_exponent)
+    assert law.noise_scale == pytest.approx(truth.noise_scale, rel=1e-9)
+    assert law.noise(4.0) == pytest.approx(2048.0)
+    assert law.noise(3.0) > law.noise(4.0) > law.noise(5.0)  # Kaplan: B_noise grows as the loss falls
+    # the prediction is a fixed point: the loss it returns is the one its noise scale was taken at
+    predicted = truth.loss(1e6, 3e6, 2e6, 4096)
+    seen = effective_tokens(3e6, 2e6) / (1 + 4096 / truth.noise(predicted))
+    assert predicted == pytest.approx(truth.E + truth.A / 1e6 ** truth.alpha + truth.B / seen ** truth.beta, abs=1e-9)
+
+
+def test_a_smaller_batch_learns_more_from_the_same_tokens_by_mccandlish_factor():
+    law = ScalingLaw(E=1.5, A=30.0, B=400.0, alpha=0.34, beta=0.28, noise_scale=1024.0)
+    # steps of b tokens need 1 + b / B_noise times the tokens of tiny steps: 2x at b = B_noise, 5x at 4 B_noise
+    assert law.loss(1e6, 2e6, None, 1024) == pytest.approx(law.loss(1e6, 1e6, None, 1), rel=1e-3)
+    assert law.loss(1e6, 5e6, None, 4096) == pytest.approx(law.loss(1e6, 2e6, None, 1024), rel=1e-9)
+    assert law.loss(1e6, 1e6, None, 1024) < law.loss(1e6, 1e6, None, 4096)
+    assert ScalingLaw(1.5, 30.0, 400.0, 0.34, 0.28).loss(1e6, 1e6, None, 1024) == law.loss(1e6, 1e6)  # no term
+
+
+def test_the_shipped_law_prefers_more_parameters_and_more_data_and_fits_its_points():
     law = ScalingLaw.load()
-    assert law.A >= 0 and law.B >= 0 and math.isfinite(law.E)
-    assert law.loss(4e6, 1e7, 3e6) < law.loss(1e6, 1e7, 3e6)
-    assert law.loss(4e6, 2e7, 3e6) < law.loss(4e6, 1e7, 3e6)
+    assert law.A >= 0 and law.B >= 0 and law.noise_scale >= 0 and math.isfinite(law.E)
+    assert law.loss(4e6, 1e7, 3e6, 4096) < law.loss(1e6, 1e7, 3e6, 4096)
+    assert law.loss(4e6, 2e7, 3e6, 4096) < law.loss(4e6, 1e7, 3e6, 4096)
+    shipped = json.loads((Path(sizing.__file__).with_name("scaling.json")).read_text())
+    for p in shipped["points"]:  # what the file records is what the law predicts
+        predicted = law.loss(p["params"], p["tokens"], p["unique_tokens"], p["tokens_per_step"])
+        assert predicted == pytest.approx(p["predicted"], abs=1e-3) and abs(predicted - p["loss"]) < 0.1
 
 
 def test_a_size_decides_the_shape_and_refuses_one_set_beside_it():
@@ -54,13 +88,14 @@ def test_a_size_decides_the_shape_and_refuses_one_set_beside_it():
     assert m.max_seq_len == cfg.model.max_seq_len  # context stays as set
 
 
-def _fake_pace(monkeypatch, seconds_per_gflop: float):
-    """Step times proportional to the work, so that the test knows what each size costs."""
+def _fake_pace(monkeypatch, seconds_per_gflop: float, overhead_s: float = 0.0):
+    """Step times proportional to the work (plus a fixed cost a step), so that the test knows what each
+    size and batch costs."""
     timed = []
 
     def time_step(model, tc, rt, batch_size, seq_len, repeats=2):
         timed.append(model.cfg.dim)
-        return model.flops_per_token(seq_len) * batch_size * seq_len / 1e9 * seconds_per_gflop
+        return model.flops_per_token(seq_len) * batch_size * seq_len / 1e9 * seconds_per_gflop + overhead_s
 
     monkeypatch.setattr(sizing, "time_step", time_step)
     return timed
@@ -87,6 +122,34 @@ def test_the_choice_is_the_lowest_predicted_loss_and_the_search_stops_past_it(mo
     assert chosen.name == best and chosen.loss == pytest.approx(losses[best])
     order = list(LADDER)
     assert len(timed) == order.index(best) + 2  # one past the best was timed, none after it
+
+
+def test_with_a_noise_scale_the_batch_is_chosen_too_between_steps_learning_more_and_running_slower(monkeypatch):
+    from tinylm.train import setup_runtime
+
+    model_cfg = ModelConfig(size="auto", max_seq_len=64, vocab_size=512)
+    tc = load_config("tiny", {"train.compile": "false", "train.max_steps": 0, "train.max_time": 60,
+                              "train.batch_size": 16}).train
+    law = ScalingLaw(E=1.5, A=30.0, B=400.0, alpha=0.34, beta=0.28, noise_scale=1024.0)
+    assert sizing.batch_choices(16, law) == [16, 8, 4] and sizing.batch_choices(2, law) == [2, 1]
+    assert sizing.batch_choices(16, dataclasses.replace(law, noise_scale=0.0)) == [16]  # no term: the batch as set
+
+    def predicted(name, batch, overhead_s):
+        m = Transformer(shaped(model_cfg, name))
+        step = m.flops_per_token(64) * batch * 64 / 1e9 * 0.02 + overhead_s
+        return law.loss(m.num_params(embeddings=False), 60.0 / step * batch * 64, 10**9, batch * 64)
+
+    for overhead_s in (0.0, 0.2):  # free small steps favour the quarter batch; a cost a step, a larger one
+        timed = _fake_pace(monkeypatch, 0.02, overhead_s)
+        chosen = choose_size(model_cfg, tc, setup_runtime(tc), 64, 60.0, 10**9, 16 * 64, None, law=law,
+                             say=lambda s: None)
+        tried = {(name, b): predicted(name, b, overhead_s) for name in list(LADDER)[:len(timed) // 3] for b in (16, 8, 4)}
+        assert (chosen.name, chosen.batch_size) == min(tried, key=tried.get)
+        assert chosen.loss == pytest.approx(min(tried.values()))
+        assert chosen.batch_size == 4 if overhead_s == 0 else chosen.batch_size > 4
+    unsure = dataclasses.replace(law, error=1.0)  # a gain within the law's error does not move the batch
+    chosen = choose_size(model_cfg, tc, setup_runtime(tc), 64, 60.0, 10**9, 16 * 64, None, law=unsure, say=lambda s: None)
+    assert chosen.batch_size == 16 and chosen.score == chosen.loss
 
 
 def test_a_size_the_budget_cannot_train_is_not_timed(monkeypatch):
@@ -128,8 +191,10 @@ def test_auto_trains_what_it_chose_and_a_resumed_run_keeps_it(prepared, tmp_path
     pretrain(cfg, prepared["shards"], tmp_path)
     saved = checkpoint_model_config(latest_checkpoint(tmp_path))
     assert len(chosen) == 1 and (saved.dim, saved.n_layers) == (chosen[0].model.dim, chosen[0].model.n_layers)
+    assert checkpoint_config(latest_checkpoint(tmp_path)).train.batch_size == chosen[0].batch_size
     pretrain(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_time=3)), prepared["shards"], tmp_path)
-    assert len(chosen) == 1  # resumed: its checkpoint's shape, nothing measured again
+    assert len(chosen) == 1  # resumed: its checkpoint's shape and batch, nothing measured again
+    assert checkpoint_config(latest_checkpoint(tmp_path)).train.batch_size == chosen[0].batch_size
 
 
 def test_a_cpu_peak_read_low_under_load_gives_way_to_the_best_seen(tmp_path, monkeypatch):

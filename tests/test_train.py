@@ -399,6 +399,27 @@ def test_compile_auto_compiles_only_when_it_pays_back(prepared, tmp_path, monkey
     assert "compile (auto): not compiling: " in log and "estimated" in log
 
 
+def test_the_compile_cost_is_the_median_of_the_last_runs(tmp_path, monkeypatch):
+    from tinylm.compiling import KEEP_RUNS, cache_file, known_cost, record_cost
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu = torch.device("cpu")
+    record_cost("k", 10.0, 1.9)
+    record_cost("k", 30.0, 3.0)  # measured while something else ran
+    record_cost("k", 12.0, 1.8)
+    cost = known_cost("k", cpu, torch.float32, 6)
+    assert cost.measured and (cost.compile_s, cost.speedup) == (12.0, 1.9)  # medians, not the last run
+    for i in range(KEEP_RUNS + 2):
+        record_cost("k", 5.0 + i, 2.0)
+    assert len(json.loads(cache_file().read_text())["k"]["runs"]) == KEEP_RUNS
+    cache = json.loads(cache_file().read_text())
+    cache["old"] = {"compile_s": 20.0, "speedup": 1.5}  # an entry written before the history was kept
+    cache_file().write_text(json.dumps(cache))
+    record_cost("old", 10.0, 2.5)
+    assert json.loads(cache_file().read_text())["old"]["runs"] == [[20.0, 1.5], [10.0, 2.5]]
+    assert known_cost("old", cpu, torch.float32, 6).speedup == 2.0
+
+
 @pytest.mark.slow
 def test_compile_auto_switches_mid_run_and_remembers_the_cost(prepared, tmp_path, monkeypatch):
     from tinylm.compiling import cache_file, known_cost, plan_key, record_cost

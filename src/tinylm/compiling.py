@@ -10,7 +10,9 @@ which measures the eager pace, then compiles only if
 that is, if the compiled steps save more time than compiling takes within what is left of the budget.
 `compile_s` and `speedup` are this machine's own, measured on an earlier run of the same model shape
 and cached in `$XDG_CACHE_HOME/tinylm/compile.json` (`~/.cache/...`); before a first measurement, the
-figures of `ESTIMATES` stand in. A run that compiles records what it measured for the next one.
+figures of `ESTIMATES` stand in. A run that compiles records what it measured for the next one. A
+measurement taken while something else ran on the machine can be far off (1.1x or 3x where 1.9x is
+usual), so the cache keeps the last `KEEP_RUNS` and the median decides.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .files import hash_json, write_json
 # 1.9-2.0x; AVX2 fp32: cpu-demo 77 s for 6, 1.18x) and an H200 (gpu-26m 30 s, 2x).
 ESTIMATES = {("cpu", "bf16"): (6.0, 1.6), ("cpu", "fp32"): (13.0, 1.18), ("cuda", ""): (4.0, 2.0), ("mps", ""): (10.0, 1.2)}
 MIN_SPEEDUP = 1.02  # a compiled step measured slower than this is not worth compiling again
+KEEP_RUNS = 5  # measurements kept per shape; their median is used
 
 
 def choice(setting: str) -> bool | None:
@@ -73,24 +76,39 @@ class CompileCost:
 
 
 def known_cost(key: str, device: torch.device, dtype: torch.dtype, n_layers: int) -> CompileCost:
-    """This machine's measured cost for `key`, or the ESTIMATES stand-in for `n_layers` blocks."""
+    """This machine's measured cost for `key` (the median of its last runs), or the ESTIMATES stand-in
+    for `n_layers` blocks."""
     try:
         entry = json.loads(cache_file().read_text(encoding="utf-8"))[key]
         return CompileCost(float(entry["compile_s"]), float(entry["speedup"]), True)
     except (OSError, ValueError, KeyError, TypeError):
-        kind = ("bf16" if dtype in (torch.bfloat16, torch.float16) else "fp32") if device.type == "cpu" else ""
-        per_layer, speedup = ESTIMATES.get((device.type, kind), ESTIMATES[("cpu", "fp32")])
-        return CompileCost(per_layer * n_layers, speedup, False)
+        pass
+    kind = ("bf16" if dtype in (torch.bfloat16, torch.float16) else "fp32") if device.type == "cpu" else ""
+    per_layer, speedup = ESTIMATES.get((device.type, kind), ESTIMATES[("cpu", "fp32")])
+    return CompileCost(per_layer * n_layers, speedup, False)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def record_cost(key: str, compile_s: float, speedup: float) -> None:
-    """Keep this machine's measurement for later runs (best effort: a read-only home is no error)."""
+    """Add this run's measurement to the machine's last KEEP_RUNS for this shape, whose medians later
+    runs use (best effort: a read-only home is no error)."""
     path = cache_file()
     try:
         cache = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError):
         cache = {}
-    cache[key] = {"compile_s": round(compile_s, 1), "speedup": round(speedup, 3)}
+    old = cache.get(key) if isinstance(cache.get(key), dict) else {}
+    if "runs" not in old and "speedup" in old:  # written before the history was kept: one run
+        old = {"runs": [[old.get("compile_s", 0.0), old["speedup"]]]}
+    runs = [r for r in old.get("runs", []) if isinstance(r, list) and len(r) == 2][-(KEEP_RUNS - 1):]
+    runs.append([round(compile_s, 1), round(speedup, 3)])
+    cache[key] = {"compile_s": round(_median([r[0] for r in runs]), 1), "speedup": round(_median([r[1] for r in runs]), 3),
+                  "runs": runs}
     try:
         write_json(path, cache)
     except OSError:
@@ -100,7 +118,7 @@ def record_cost(key: str, compile_s: float, speedup: float) -> None:
 class CompileTimer:
     """Measures a compile switched on mid-run: the first compiled step's extra time, then the pace."""
 
-    def __init__(self, eager_step_s: float, key: str, steps: int = 3):
+    def __init__(self, eager_step_s: float, key: str, steps: int = 5):
         self.eager_step_s, self.key, self.steps = eager_step_s, key, steps
         self.times: list[float] = []
 

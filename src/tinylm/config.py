@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    size: str = ""  # "auto": width and depth chosen for the time budget on this machine (sizing.py); a ladder name ("xs", "s", "m", "l", "xl", "xxl"); "" = the shape fields below
+    size: str = ""  # "auto": width, depth and pretraining batch (train.batch_size or its half or quarter) chosen for the time budget on this machine (sizing.py); a ladder name ("xs", "s", "m", "l", "xl", "xxl"); "" = the shape fields below
     dim: int = 256  # width of the residual stream
     n_layers: int = 4  # number of transformer blocks
     n_heads: int = 4  # query heads
@@ -152,7 +152,7 @@ class TrainConfig:
     attention: str = "auto"  # training's attention kernel: "sdpa" (PyTorch's fused kernels), "chunked" (attention.py, CPU; for sequences of 256+ tokens in multiples of 128, else SDPA), "auto" (chunked where a compiled step runs on a CPU)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable GPU runs and resumes, a little slower (CPU runs are repeatable anyway)
     parallel: str = "ddp"  # under torchrun: "ddp" (whole model per rank) or "fsdp" (FSDP2: weights, gradients and optimizer sharded)
-    batch_size: int = 16  # sequences per micro-batch (per rank)
+    batch_size: int = 16  # sequences per micro-batch (per rank); with model.size = "auto", the largest pretraining tries
     grad_accum: int = 1  # micro-batches per optimizer step
     optimizer: str = "adamw"  # "adamw", or "muon" (Muon for the hidden weight matrices, AdamW for embeddings, head and norms)
     lr: float = 1e-3  # peak learning rate (Muon's is scaled to match AdamW's update size: the same value serves both)

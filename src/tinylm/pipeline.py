@@ -55,9 +55,11 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
     if cfg.model.vocab_size < tok.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
     tc, seq = cfg.train, cfg.model.max_seq_len
+    val_batch = tc.batch_size  # validation batches stay as set when model.size = "auto" trains at a smaller batch
     train_arrays, train_info = load_split(shards_dir, "train")
     if cfg.model.size:
-        model_cfg, choosing_s = model_for_budget(cfg, Path(out_dir), rt, train_info["tokens"])
+        model_cfg, batch_size, choosing_s = model_for_budget(cfg, Path(out_dir), rt, train_info["tokens"])
+        tc = dataclasses.replace(tc, batch_size=batch_size)
         if choosing_s:  # choosing is part of the stage's time
             tc = dataclasses.replace(tc, max_time=max(1.0, round(tc.max_time - choosing_s, 1)))
         cfg = dataclasses.replace(cfg, model=model_cfg, train=tc)
@@ -65,10 +67,10 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
     val_arrays, val_info = load_split(shards_dir, "val")
     make_val, bpt = None, None
     val_windows = sum(max(0, (len(a) - 1) // seq) for a in val_arrays)
-    if val_windows >= rt.world * tc.batch_size:
-        n_val = min(tc.eval_batches, val_windows // (rt.world * tc.batch_size))
+    if val_windows >= rt.world * val_batch:
+        n_val = min(tc.eval_batches, val_windows // (rt.world * val_batch))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n_val))
-        make_val = lambda: PackedBatches(val_arrays, seq, tc.batch_size, VAL_SEED, rt.rank, rt.world)  # noqa: E731
+        make_val = lambda: PackedBatches(val_arrays, seq, val_batch, VAL_SEED, rt.rank, rt.world)  # noqa: E731
         bpt = val_info["bytes"] / val_info["tokens"]
     elif rt.is_main:
         say(f"pretrain: validation split too small for one batch ({val_info['tokens']} tokens): no validation loss")
@@ -76,32 +78,32 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
 
 
 def model_for_budget(cfg: Config, out_dir: Path, rt: Runtime, unique_tokens: int):
-    """The model shape that `model.size` names: a ladder entry, or for "auto" the one with the lowest
-    predicted loss in train.max_time on this machine (sizing.py), and the seconds that choosing took
-    (the same on every rank). A resumed run keeps its checkpoint's shape."""
+    """(model shape, train.batch_size, seconds spent choosing) for `model.size`: a ladder entry at the
+    batch as set, or for "auto" the shape and batch with the lowest predicted loss in train.max_time on
+    this machine (sizing.py; the same on every rank). A resumed run keeps its checkpoint's shape and batch."""
     from . import sizing
-    from .checkpoint import checkpoint_model_config, latest_checkpoint
+    from .checkpoint import checkpoint_config, checkpoint_model_config, latest_checkpoint
 
     size, tc = cfg.model.size, cfg.train
     if size in sizing.LADDER:
-        return sizing.shaped(cfg.model, size), 0.0
+        return sizing.shaped(cfg.model, size), tc.batch_size, 0.0
     if not tc.max_time:
         raise ConfigError("model.size = 'auto' chooses the model for a time budget: set train.max_time "
                           "(or a ladder size such as --model.size=m)")
     previous = latest_checkpoint(out_dir) if tc.resume else None
     if previous is not None:
-        return checkpoint_model_config(previous), 0.0
+        return checkpoint_model_config(previous), checkpoint_config(previous).train.batch_size, 0.0
     t0 = time.perf_counter()
-    name = [None, 0.0]
+    name = [None, tc.batch_size, 0.0]
     if rt.is_main:
         tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.max_seq_len * rt.world
-        limits = [tc.max_epochs * unique_tokens if tc.max_epochs else 0, tc.max_tokens, tc.max_steps * tokens_per_step]
+        limits = [tc.max_epochs * unique_tokens if tc.max_epochs else 0, tc.max_tokens]
         chosen = sizing.choose_size(cfg.model, tc, rt, cfg.model.max_seq_len, tc.max_time, unique_tokens,
                                     tokens_per_step, min([x for x in limits if x], default=None), say=say)
-        name = [chosen.name, time.perf_counter() - t0]
+        name = [chosen.name, chosen.batch_size, time.perf_counter() - t0]
     if rt.distributed:  # every rank trains what rank 0 measured, for as long
         dist.broadcast_object_list(name, src=0)
-    return sizing.shaped(cfg.model, name[0]), name[1]
+    return sizing.shaped(cfg.model, name[0]), name[1], name[2]
 
 
 # --- supervised fine-tuning ----------------------------------------------------------------------

@@ -7,15 +7,27 @@ first) on this machine, turns the step time into the tokens the budget allows (w
 speed-up where `train.compile` would compile), and predicts each candidate's loss from a scaling
 law fitted to runs on a 2-core CPU (`scaling.json`, written by `benchmarks/scaling.py`):
 
-    L(N, D) = E + A / N**alpha + B / D'**beta        (Hoffmann et al. 2022, "Chinchilla", approach 3)
+    L(N, D, b) = E + A / N**alpha + B / D'**beta        (Hoffmann et al. 2022, "Chinchilla", approach 3)
 
 N is the parameter count without the token embedding, D' the training tokens, discounted for
 repetition when they exceed the unique tokens U of the data (Muennighoff et al. 2023, eq. 5):
-D' = U * (1 + R* * (1 - exp(-R / R*))) with R = D / U - 1 repetitions and R* = 15.4.
-The candidate with the lowest prediction is trained. The law was fitted on the built-in corpus with
+D' = U * (1 + R* * (1 - exp(-R / R*))) with R = D / U - 1 repetitions and R* = 15.4,
+and then for the batch: a step of b tokens learns what b / (1 + b / B_noise) tokens would in steps
+of one token each (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", eq. 2.11:
+E = E_min (1 + B / B_noise)), so D' is divided by 1 + b / B_noise. The gradient noise scale B_noise
+grows as the loss falls: B_noise(L) = B_* / L**(1 / alpha_B) with Kaplan et al. 2020's alpha_B = 0.21
+("Scaling Laws for Neural Language Models", eq. 5.3), or stays constant (exponent 0), whichever fits
+better; the prediction solves L = L(N, D, b, B_noise(L)) by iteration. B_* is fitted with the rest;
+a law fitted at one batch has none (`noise_scale` 0) and then ranks only sizes.
+
+Candidates are each ladder size at `train.batch_size` and, where the law has a noise scale, at its
+half and its quarter: smaller steps cost more time per token but learn more per token, and the
+measured pace decides. `train.batch_size` is thus the largest batch tried (what fits in memory).
+The candidate with the lowest prediction is trained; a batch other than the one set must be
+predicted better by more than the law's RMS error (`error`), so that the fit's noise alone never
+moves it. The law was fitted on the built-in corpus with
 a 4,096-token vocabulary; on other data its absolute figures differ, and it is the ranking of the
-sizes it is used for. Width and depth are chosen; context (`model.max_seq_len`) and batch
-(`train.batch_size`) stay as set.
+candidates it is used for. Context (`model.max_seq_len`) stays as set: the law has no term for it.
 """
 
 from __future__ import annotations
@@ -77,15 +89,42 @@ def fixed_shape(model: ModelConfig, auto_as: str = "m") -> ModelConfig:
 
 @dataclass
 class ScalingLaw:
-    """L(N, D) = E + A / N**alpha + B / D'**beta, in nats per token (see the module docstring)."""
+    """L(N, D, b) = E + A / N**alpha + B / D'**beta, in nats per token (see the module docstring).
+    noise_scale: B_* in tokens, 0 for no batch term; B_noise(L) = noise_scale / L**noise_exponent.
+    error: the fit's RMS error in nats, the least gain that moves the batch off `train.batch_size`."""
     E: float
     A: float
     B: float
     alpha: float
     beta: float
+    noise_scale: float = 0.0
+    noise_exponent: float = 0.0
+    error: float = 0.0
 
-    def loss(self, params: float, tokens: float, unique_tokens: float | None = None) -> float:
-        return self.E + self.A / params ** self.alpha + self.B / effective_tokens(tokens, unique_tokens) ** self.beta
+    def loss(self, params: float, tokens: float, unique_tokens: float | None = None,
+             tokens_per_step: float | None = None) -> float:
+        """Predicted loss of `params` (without the token embedding) trained on `tokens` in steps of
+        `tokens_per_step` (None: no batch discount), of data holding `unique_tokens`."""
+        seen = effective_tokens(tokens, unique_tokens)
+        loss = self.E + self.A / params ** self.alpha + self.B / seen ** self.beta
+        if not (self.noise_scale and tokens_per_step):
+            return loss
+        # L = f(L), f increasing (a higher loss, a smaller noise scale, fewer useful tokens): from the
+        # loss without the batch term the iteration rises to the smallest fixed point, or past any bound
+        # where there is none (steps this large at this loss make no progress: infinite loss)
+        for _ in range(1000):
+            factor = batch_factor(tokens_per_step, self.noise(loss))
+            new = self.E + self.A / params ** self.alpha + self.B / (seen / factor) ** self.beta
+            if new > 100 * (1 + self.E):
+                return math.inf
+            if abs(new - loss) < 1e-10:
+                break
+            loss = new
+        return new
+
+    def noise(self, loss: float) -> float:
+        """B_noise in tokens at this loss (nats per token); 0 without a batch term."""
+        return self.noise_scale / max(loss, 1e-3) ** self.noise_exponent
 
     @classmethod
     def load(cls, path: Path | None = None) -> "ScalingLaw":
@@ -101,57 +140,88 @@ def effective_tokens(tokens: float, unique_tokens: float | None) -> float:
     return unique_tokens * (1 + REPEAT_SCALE * (1 - math.exp(-repeats / REPEAT_SCALE)))
 
 
-def fit_law(points: list[tuple[float, float, float, float]]) -> tuple[ScalingLaw, float]:
-    """Least-squares fit of E, A, B for each (alpha, beta) on a grid; returns the best law and its RMS
-    error. points: (params N, tokens D, unique tokens U, loss in nats per token)."""
+def batch_factor(tokens_per_step: float | None, noise_scale: float) -> float:
+    """1 + b / B_noise: how many more tokens steps of b tokens need than steps of one (McCandlish et
+    al. 2018, eq. 2.11); 1 without a batch term or a step size."""
+    return 1.0 + tokens_per_step / noise_scale if noise_scale and tokens_per_step else 1.0
+
+
+NOISE_AT_4_NATS = [0.0] + [2.0 ** (k / 2) for k in range(16, 41)]  # B_noise at a loss of 4 tried by the fit: none, 256 to 1M tokens
+NOISE_EXPONENTS = (0.0, round(1 / 0.21, 3))  # constant, or Kaplan et al. 2020's B_crit(L) = B_* / L**(1 / 0.21)
+
+
+def fit_law(points: list[tuple[float, float, float, float, float]]) -> tuple[ScalingLaw, float]:
+    """Least-squares fit of E, A, B for each (alpha, beta, B_noise, its exponent) on a grid, with each
+    point's measured loss in its noise scale; returns the best law and its RMS error (of `law.loss`).
+    points: (params N, tokens D, unique tokens U, tokens per step b, loss in nats per token). Points
+    all at one b get no batch term (noise_scale 0): they cannot tell B_noise apart from B. ValueError if no law
+    has E, A and B all >= 0 (the loss cannot fall below zero, nor rise with size or data)."""
     import numpy as np
 
-    n, d, u, loss = (np.array(c, dtype=np.float64) for c in zip(*points))
-    d_eff = np.array([effective_tokens(a, b) for a, b in zip(d, u)])
+    n, d, u, b, loss = (np.array(c, dtype=np.float64) for c in zip(*points))
+    repeated = np.array([effective_tokens(x, y) for x, y in zip(d, u)])
     best = None
-    for alpha in np.arange(0.10, 0.81, 0.02):
-        for beta in np.arange(0.10, 0.81, 0.02):
-            X = np.stack([np.ones_like(n), n ** -alpha, d_eff ** -beta], axis=1)
-            coef, *_ = np.linalg.lstsq(X, loss, rcond=None)
-            if coef[1] < 0 or coef[2] < 0:  # a bigger model or more data must not predict a higher loss
-                continue
-            rms = float(np.sqrt(np.mean((X @ coef - loss) ** 2)))
-            if best is None or rms < best[1]:
-                best = (ScalingLaw(float(coef[0]), float(coef[1]), float(coef[2]), round(float(alpha), 2),
-                                   round(float(beta), 2)), rms)
+    batched = len(set(b.tolist())) > 1  # a batch term needs points at two batches or more
+    for exponent in NOISE_EXPONENTS if batched else (0.0,):
+        for at_4 in (NOISE_AT_4_NATS if exponent == 0 else NOISE_AT_4_NATS[1:]) if batched else (0.0,):
+            scale = at_4 * 4.0 ** exponent
+            d_eff = repeated / np.array([batch_factor(x, scale / y ** exponent) for x, y in zip(b, loss)])
+            for alpha in np.arange(0.10, 0.81, 0.02):
+                for beta in np.arange(0.10, 0.81, 0.02):
+                    X = np.stack([np.ones_like(n), n ** -alpha, d_eff ** -beta], axis=1)
+                    coef, *_ = np.linalg.lstsq(X, loss, rcond=None)
+                    if min(coef) < 0:
+                        continue
+                    rms = float(np.sqrt(np.mean((X @ coef - loss) ** 2)))
+                    if best is None or rms < best[1] - max(1e-9, 1e-6 * best[1]):  # a noise scale must earn its place
+                        best = (ScalingLaw(float(coef[0]), float(coef[1]), float(coef[2]), round(float(alpha), 2),
+                                           round(float(beta), 2), scale, exponent if scale else 0.0), rms)
     if best is None:
-        raise ValueError("no scaling law with non-negative terms fits these points")
-    return best
+        raise ValueError("no scaling law with non-negative E, A and B fits these points")
+    law = best[0]
+    predicted = np.array([law.loss(*p[:4]) for p in points])
+    law.error = round(float(np.sqrt(np.mean((predicted - loss) ** 2))), 5)
+    return law, law.error
 
 
 @dataclass
 class Candidate:
     name: str
     model: ModelConfig
+    batch_size: int  # sequences per micro-batch
     params: int  # without the token embedding
     step_s: float  # measured, eager
     tokens: float  # what the budget allows
     compiled: bool
     loss: float  # predicted, nats per token
     flops: float  # training FLOPs per token
+    margin: float = 0.0  # added to the loss when ranking: the law's error, for a batch other than the one set
+
+    @property
+    def score(self) -> float:
+        return self.loss + self.margin
 
     def describe(self, unique_tokens: int) -> str:
         m = self.model
         return (f"{self.name:>3}: dim {m.dim} x {m.n_layers} layers, {self.params / 1e6:.1f}M parameters, "
-                f"{self.step_s:.3f} s/step eager{' (compiled faster)' if self.compiled else ''} -> "
+                f"batch {self.batch_size}, {self.step_s:.3f} s/step eager{' (compiled faster)' if self.compiled else ''} -> "
                 f"{self.tokens / 1e6:.1f}M tokens ({self.tokens / max(1, unique_tokens):.1f} epochs), "
-                f"predicted loss {self.loss:.3f}")
+                f"predicted loss {self.loss:.3f}" + (f" (+{self.margin:.3f}, the law's error, to move the batch)"
+                                                     if self.margin else ""))
 
 
-def time_step(model: torch.nn.Module, tc: TrainConfig, rt, batch_size: int, seq_len: int, repeats: int = 2) -> float:
+WARMUP_STEPS = 3  # untimed: the first steps of a new shape run up to 1.5x slower (size s, bf16 EPYC: 0.62, 0.75, 0.63, then 0.48 s)
+
+
+def time_step(model: torch.nn.Module, tc: TrainConfig, rt, batch_size: int, seq_len: int, repeats: int = 3) -> float:
     """Seconds of one eager training step (forward, backward, optimizer) at this batch on this machine:
-    the fastest of `repeats` after one untimed step."""
+    the fastest of `repeats` after WARMUP_STEPS untimed ones."""
     from .train import build_optimizer
 
     optimizer = build_optimizer(model, tc, rt.device, sharded=False)
     x = torch.randint(0, model.cfg.vocab_size, (batch_size, seq_len), device=rt.device)
     times = []
-    for i in range(repeats + 1):
+    for i in range(WARMUP_STEPS + repeats):
         t0 = time.perf_counter()
         with rt.autocast():
             _, loss = model(x, x)
@@ -160,19 +230,28 @@ def time_step(model: torch.nn.Module, tc: TrainConfig, rt, batch_size: int, seq_
         optimizer.zero_grad(set_to_none=True)
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
-        if i:
+        if i >= WARMUP_STEPS:
             times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def batch_choices(batch_size: int, law: ScalingLaw) -> list[int]:
+    """The batches tried: `batch_size`, and its half and quarter where the law has a batch term."""
+    if not law.noise_scale:
+        return [batch_size]
+    return sorted({max(1, batch_size // k) for k in (1, 2, 4)}, reverse=True)
 
 
 def choose_size(model_cfg: ModelConfig, tc: TrainConfig, rt, seq_len: int, budget_s: float, unique_tokens: int,
                 tokens_per_step: int, max_tokens: float | None, law: ScalingLaw | None = None,
                 say=print) -> Candidate:
-    """The ladder entry with the lowest predicted loss for `budget_s` seconds of training on this machine.
+    """The ladder size and batch with the lowest predicted loss for `budget_s` seconds of training on
+    this machine. tokens_per_step: at `tc.batch_size` (all ranks and accumulation included).
 
-    Candidates are timed smallest first; the search stops at the first one predicted worse than the
-    best so far (the loss is lowest at one size and rises on both sides of it), or that the budget
-    gives fewer than MIN_STEPS steps. max_tokens: what the other limits allow (epochs, tokens, steps).
+    Sizes are timed smallest first, each at every batch of `batch_choices`; the search stops at the
+    first size predicted worse than the best so far (the loss is lowest at one size and rises on both
+    sides of it), or that the budget gives fewer than MIN_STEPS steps. max_tokens: what the epoch and
+    token limits allow (`tc.max_steps` is applied per batch).
     """
     from .compiling import choice, known_cost, plan_key
     from .model import Transformer
@@ -190,20 +269,28 @@ def choose_size(model_cfg: ModelConfig, tc: TrainConfig, rt, seq_len: int, budge
             if budget_s / guess < MIN_STEPS:
                 say(f"size (auto): {name} would make only ~{budget_s / guess:.0f} steps in the budget; not tried")
                 break
-        step_s = time_step(model, tc, rt, tc.batch_size, seq_len) * tc.grad_accum
         params = model.num_params(embeddings=False)
+        size_best: Candidate | None = None
+        for batch in batch_choices(tc.batch_size, law):
+            step_tokens = tokens_per_step * batch // tc.batch_size
+            step_s = time_step(model, tc, rt, batch, seq_len) * tc.grad_accum
+            cost = known_cost(plan_key(cfg, rt.device, rt.dtype, batch, seq_len), rt.device, rt.dtype, cfg.n_layers)
+            compiled = {True: True, False: False, None: cost.pays(budget_s)}[choice(tc.compile)]
+            seconds = budget_s - cost.compile_s if compiled else budget_s
+            steps = max(0.0, seconds) / (step_s / cost.speedup if compiled else step_s)
+            steps = min(steps, tc.max_steps) if tc.max_steps else steps
+            tokens = steps * step_tokens if not max_tokens else min(steps * step_tokens, max_tokens)
+            cand = Candidate(name, cfg, batch, params, step_s, tokens, compiled,
+                             law.loss(params, tokens, unique_tokens, step_tokens), flops,
+                             margin=law.error if batch != tc.batch_size else 0.0)
+            say(f"size (auto): {cand.describe(unique_tokens)}")
+            if size_best is None or cand.score < size_best.score:
+                size_best = cand
         del model
-        cost = known_cost(plan_key(cfg, rt.device, rt.dtype, tc.batch_size, seq_len), rt.device, rt.dtype, cfg.n_layers)
-        compiled = {True: True, False: False, None: cost.pays(budget_s)}[choice(tc.compile)]
-        seconds = budget_s - cost.compile_s if compiled else budget_s
-        steps = max(0.0, seconds) / (step_s / cost.speedup if compiled else step_s)
-        tokens = steps * tokens_per_step if not max_tokens else min(steps * tokens_per_step, max_tokens)
-        cand = Candidate(name, cfg, params, step_s, tokens, compiled, law.loss(params, tokens, unique_tokens), flops)
-        say(f"size (auto): {cand.describe(unique_tokens)}")
-        if best is not None and cand.loss >= best.loss:
+        if best is not None and size_best.score >= best.score:
             break
-        best = cand
+        best = size_best
     assert best is not None
-    say(f"size (auto): training {best.name} (dim {best.model.dim} x {best.model.n_layers} layers); "
-        f"choosing took {time.perf_counter() - t_start:.0f} s")
+    say(f"size (auto): training {best.name} (dim {best.model.dim} x {best.model.n_layers} layers) at batch "
+        f"{best.batch_size}; choosing took {time.perf_counter() - t_start:.0f} s")
     return best
