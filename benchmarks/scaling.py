@@ -1,16 +1,17 @@
 """Measure the scaling table behind `model.size = "auto"` and fit the law it predicts with.
 
     python benchmarks/scaling.py --shards runs/default/shards --set train.optimizer=adamw train.lr=1e-3 \\
-        --grid xs:120 s:120 m:120 l:120 l:400 s:400 s:600 m:600 xs:120:4 xs:120:8 s:120:4 s:120:8 s:120:32 \\
-        s:400:8 m:120:8 --work /tmp/scaling --write src/tinylm/scaling.json
+        --grid xs:120 s:120 m:120 l:120 s:400 l:400 s:600 m:600 --work /tmp/scaling --write src/tinylm/scaling.json
 
+measured the shipped table (AdamW at lr 1e-3 was `cpu-demo`'s pretraining then; it is Muon at 2e-3 now).
 Each grid entry `SIZE:SECONDS[:BATCH]` pretrains ladder size SIZE (sizing.LADDER) on the shards for
 SECONDS with `cpu-demo`'s training settings (and --set's; no epoch limit, one validation at the end
 over 40 batches) at BATCH sequences a step (cpu-demo's 16 if not given), one run after the other;
-then L(N, D, b) = E + A / N**alpha + B / D'**beta (sizing.py's docstring: D' counts repeats and the
-batch b) is fitted to the final held-out losses (sizing.fit_law) and written with the points and the
-machine it was measured on. The shipped table was measured with AdamW at lr 1e-3, cpu-demo's
-pretraining settings when it was first measured.
+then L(N, D, b) = E + A / N**alpha + B / D'**beta (sizing.py's docstring: D' counts repeats and, when
+the points hold two batches or more, the batch b) is fitted to the final held-out losses
+(sizing.fit_law) and written with the points and the machine it was measured on. Entries such as
+`s:120:8 s:120:4 xs:120:4` add the batch term; docs/performance.md has the grids tried and why the
+shipped law has none.
 `--fit-only` refits from the run folders already in --work. Run it alone on the machine: each point
 is a wall-clock race.
 """
