@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from statistics import median
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,12 +89,6 @@ def known_cost(key: str, device: torch.device, dtype: torch.dtype, n_layers: int
     return CompileCost(per_layer * n_layers, speedup, False)
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def record_cost(key: str, compile_s: float, speedup: float) -> None:
     """Add this run's measurement to the machine's last KEEP_RUNS for this shape, whose medians later
     runs use (best effort: a read-only home is no error)."""
@@ -107,7 +102,7 @@ def record_cost(key: str, compile_s: float, speedup: float) -> None:
         old = {"runs": [[old.get("compile_s", 0.0), old["speedup"]]]}
     runs = [r for r in old.get("runs", []) if isinstance(r, list) and len(r) == 2][-(KEEP_RUNS - 1):]
     runs.append([round(compile_s, 1), round(speedup, 3)])
-    cache[key] = {"compile_s": round(_median([r[0] for r in runs]), 1), "speedup": round(_median([r[1] for r in runs]), 3),
+    cache[key] = {"compile_s": round(median(r[0] for r in runs), 1), "speedup": round(median(r[1] for r in runs), 3),
                   "runs": runs}
     try:
         write_json(path, cache)
