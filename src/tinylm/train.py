@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_trainer_state, remove_partial,
                          save_checkpoint)
-from .compiling import CompileTimer, choice, known_cost, plan_key
+from .compiling import CompileTimer, choice, known_cost, plan_key, settled_pace
 from .config import Config, ConfigError, TrainConfig, to_toml
 from .files import claim_folder, output_lock, write_text
 from .logs import MetricsLog, Tracker, format_duration
@@ -454,7 +454,7 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
                dynamic_ncols=True, leave=False)
     wrapped.train()
     compile_key = plan_key(cfg.model, rt.device, rt.dtype, tc.batch_size, train_batches.seq_len) if compiled is None else ""
-    compile_timer = None
+    compile_timer, eager_times = None, []
     pace = Pace(tc)
     last_saved = progress.step if resume_from else -1
     steps_run = 0
@@ -487,13 +487,15 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
             if compile_timer is not None and (said := compile_timer.step(dt)):
                 log.line(said)
                 compile_timer = None
-            if compiled is None and steps_run == PACE_AFTER:  # "auto": the eager pace is known now
-                compiled, said = _decide_compile(progress, tc, total_steps, dt, compile_key, rt, cfg.model.n_layers)
+            if compiled is None and steps_run > 1:  # "auto": the eager steps after the first (its warm-up)
+                eager_times.append(dt)
+            if compiled is None and steps_run >= PACE_AFTER and (eager_s := settled_pace(eager_times, PACE_AFTER - 1)) is not None:
+                compiled, said = _decide_compile(progress, tc, total_steps, eager_s, compile_key, rt, cfg.model.n_layers)
                 log.line(said)
                 if compiled:
                     model.attention = attention_kernel(tc, rt.device, True)
                     wrapped = step.wrapped = wrap(model, rt, tc, True)
-                    compile_timer = CompileTimer(dt, compile_key)
+                    compile_timer = CompileTimer(eager_s, compile_key)
 
             record = {"step": progress.step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                       "tok_per_s": round(tokens / dt), "tokens": progress.tokens,
