@@ -393,8 +393,11 @@ def test_compile_auto_compiles_only_when_it_pays_back(prepared, tmp_path, monkey
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     estimate = known_cost("unmeasured", torch.device("cpu"), torch.float32, 6)
     assert not estimate.measured and estimate.compile_s == 78 and estimate.speedup == 1.18  # cpu-demo on AVX2
-    monkeypatch.setattr("tinylm.compiling.MIN_TIMED_S", 0.0)  # decide after step 3, as for a model of 0.5 s steps
     cfg = _cfg(prepared, **{"train.max_steps": 6, "train.compile": "auto", "train.eval_every": 0})
+    monkeypatch.setattr("tinylm.compiling.MIN_TIMED_S", 3600.0)
+    pretrain(cfg, prepared["shards"], tmp_path / "unsettled")  # the eager pace never covers an hour: no decision yet
+    assert "compile (auto)" not in (tmp_path / "unsettled" / "train.log").read_text()
+    monkeypatch.setattr("tinylm.compiling.MIN_TIMED_S", 0.0)  # decide after step 3, as for a model of 0.5 s steps
     pretrain(cfg, prepared["shards"], tmp_path / "run")  # seconds of training: a 60 s compile cannot pay
     log = (tmp_path / "run" / "train.log").read_text()
     assert "compile (auto): not compiling: " in log and "estimated" in log

@@ -489,13 +489,14 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
                 compile_timer = None
             if compiled is None and steps_run > 1:  # "auto": the eager steps after the first (its warm-up)
                 eager_times.append(dt)
-            if compiled is None and steps_run >= PACE_AFTER and (eager_s := settled_pace(eager_times, PACE_AFTER - 1)) is not None:
-                compiled, said = _decide_compile(progress, tc, total_steps, eager_s, compile_key, rt, cfg.model.n_layers)
-                log.line(said)
-                if compiled:
-                    model.attention = attention_kernel(tc, rt.device, True)
-                    wrapped = step.wrapped = wrap(model, rt, tc, True)
-                    compile_timer = CompileTimer(eager_s, compile_key)
+                eager_s = settled_pace(eager_times, PACE_AFTER - 1)
+                if eager_s is not None:  # the eager pace is known now
+                    compiled, said = _decide_compile(progress, tc, total_steps, eager_s, compile_key, rt, cfg.model.n_layers)
+                    log.line(said)
+                    if compiled:
+                        model.attention = attention_kernel(tc, rt.device, True)
+                        wrapped = step.wrapped = wrap(model, rt, tc, True)
+                        compile_timer = CompileTimer(eager_s, compile_key)
 
             record = {"step": progress.step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                       "tok_per_s": round(tokens / dt), "tokens": progress.tokens,
