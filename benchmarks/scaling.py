@@ -14,6 +14,14 @@ the points hold two batches or more, the batch b) is fitted to the final held-ou
 shipped law has none.
 `--fit-only` refits from the run folders already in --work. Run it alone on the machine: each point
 is a wall-clock race.
+
+The context term (sizing.py's docstring) comes from one trained checkpoint:
+
+    python benchmarks/scaling.py --shards runs/default/shards --positions runs/default/pretrain --write src/tinylm/scaling.json
+
+measures its mean held-out loss at each position of a window (evaluate.position_losses), fits
+l_inf + c * t**-gamma (sizing.fit_positions) and adds c and gamma to the law: to the one fitted in the
+same command, or without --grid and --fit-only, to the one already in the --write file.
 """
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ import sys
 import time
 from pathlib import Path
 
-from tinylm.checkpoint import checkpoint_config, latest_checkpoint
+from tinylm.checkpoint import checkpoint_config, latest_checkpoint, load_checkpoint
 from tinylm.compiling import device_name
 from tinylm.files import read_json, write_json
 from tinylm.model import Transformer
-from tinylm.sizing import LADDER, fit_law
+from tinylm.evaluate import position_losses
+from tinylm.sizing import LADDER, ScalingLaw, fit_law, fit_positions
 
 import torch
 
@@ -53,8 +62,33 @@ def read_point(run: Path, unique_tokens: int) -> dict:
     params = Transformer(cfg).num_params(embeddings=False)
     return {"run": run.name, "dim": cfg.dim, "n_layers": cfg.n_layers, "params": params, "tokens": last["tokens"],
             "unique_tokens": unique_tokens, "batch_size": tc.batch_size,
-            "tokens_per_step": tc.batch_size * tc.grad_accum * cfg.max_seq_len, "optimizer": tc.optimizer, "lr": tc.lr,
+            "tokens_per_step": tc.batch_size * tc.grad_accum * cfg.max_seq_len, "max_seq_len": cfg.max_seq_len,
+            "optimizer": tc.optimizer, "lr": tc.lr,
             "seconds": last["elapsed"], "loss": last["val_loss"], "bpb": last.get("val_bpb")}
+
+
+def points_context(points: list[dict]) -> int:
+    """The one context the points trained at (older records: their tokens a step over their batch)."""
+    contexts = {p.get("max_seq_len") or p["tokens_per_step"] // p["batch_size"] for p in points}
+    if len(contexts) != 1:
+        raise SystemExit(f"the points trained at contexts {sorted(contexts)}: the law's context term needs one")
+    return contexts.pop()
+
+
+def context_term(checkpoint: Path, shards: Path, law: ScalingLaw, context: int) -> dict:
+    """Fit the law's context term to `checkpoint`'s held-out loss at each position of a window."""
+    model, *_ = load_checkpoint(checkpoint)
+    model.eval()
+    losses = position_losses(model, shards)
+    c, gamma, l_inf, rms = fit_positions(losses)
+    law.position_scale, law.position_exponent, law.context = round(c, 5), gamma, context
+    for t in (1, 4, 16, 64, 256, 1024):
+        seen = f"measured {losses[t - 1]:.3f}, " if t <= len(losses) else ""
+        print(f"position {t:>5}: {seen}fit {l_inf + c * t ** -gamma:.3f} nats")
+    for window in (context // 4, context // 2, context, 2 * context):
+        print(f"context {window:>5}: {law.context_loss(window):+.4f} nats against {context}")
+    return {"checkpoint": str(checkpoint), "context_measured": model.cfg.max_seq_len, "c": round(c, 5), "gamma": gamma,
+            "l_inf": round(l_inf, 4), "rms_error": round(rms, 4), "losses": [round(x, 4) for x in losses]}
 
 
 def main() -> None:
@@ -66,8 +100,22 @@ def main() -> None:
     ap.add_argument("--no-fit", action="store_true", help="train the grid only")
     ap.add_argument("--work", type=Path, default=Path("/tmp/scaling"))
     ap.add_argument("--fit-only", action="store_true", help="refit from the runs already in --work")
+    ap.add_argument("--positions", type=Path, metavar="CHECKPOINT",
+                    help="fit the context term to this checkpoint's held-out loss at each position of --shards' windows")
     ap.add_argument("--write", type=Path, help="write the law and its points here (src/tinylm/scaling.json)")
     args = ap.parse_args()
+    command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:])
+    if args.positions and not (args.grid or args.fit_only):  # the context term, added to the law already written
+        if not args.write or not args.write.is_file():
+            ap.error("--positions without --grid or --fit-only adds the context term to an existing --write file")
+        record = read_json(args.write)
+        law = ScalingLaw(**record["law"])
+        record["positions"] = {**context_term(args.positions, args.shards, law, points_context(record["points"])),
+                               "command": command, "date": time.strftime("%Y-%m-%d")}
+        record["law"] = law.__dict__
+        write_json(args.write, record)
+        print(f"wrote {args.write}")
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     if not args.fit_only:
         for entry in args.grid:
@@ -90,11 +138,12 @@ def main() -> None:
               f"law {p['predicted']:.4f}")
     print(f"law: E={law.E:.3f} A={law.A:.3f} B={law.B:.3f} alpha={law.alpha} beta={law.beta} "
           f"B_noise={law.noise_scale:g} tokens; RMS error {rms:.4f} nats")
+    positions = context_term(args.positions, args.shards, law, points_context(points)) if args.positions else None
     if args.write:
         write_json(args.write, {"law": law.__dict__, "rms_error": round(rms, 5), "points": points,
                                 "machine": f"{device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads",
-                                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                                "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:])})
+                                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": command,
+                                **({"positions": positions} if positions else {})})
         print(f"wrote {args.write}")
 
 

@@ -192,3 +192,19 @@ def test_multiple_choice_reports_lm_evaluation_harness_acc_norm_per_character(to
     assert result["length_normalised"]["accuracy"] == 1.0  # -10/13 > -9/11
     assert result["lm_eval_acc_norm"]["accuracy"] == 0.0  # -10/10 < -9/10
     assert result["raw"]["accuracy"] == 0.0
+
+
+def test_position_losses_score_the_t_th_token_of_each_full_window_from_t_tokens(prepared):
+    from tinylm.evaluate import masked_logprobs, position_losses
+    from tinylm.shards import load_split
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16, vocab_size=512)).eval()
+    losses = position_losses(model, prepared["shards"], batch_size=5)
+    arrays, _ = load_split(prepared["shards"], "val")
+    windows = [list(map(int, a[s:s + 17])) for a in arrays for s in range(0, len(a) - 1, 16) if len(a[s:s + 17]) == 17]
+    assert len(losses) == 16 and len(windows) > 5
+    for t in (1, 7, 16):  # the slow reference: each window cut after its t-th scored token, that token alone scored
+        rows = [(w[:t + 1], [0] * t + [1]) for w in windows]
+        assert losses[t - 1] == pytest.approx(-sum(lp for lp, _ in masked_logprobs(model, rows)) / len(rows), rel=1e-4)
+    assert position_losses(model, prepared["shards"], max_windows=2) != losses[:16]  # two windows, other means

@@ -15,7 +15,8 @@ from tinylm.checkpoint import checkpoint_config, checkpoint_model_config, latest
 from tinylm.config import ConfigError, ModelConfig, load_config
 from tinylm.model import Transformer
 from tinylm.pipeline import pretrain
-from tinylm.sizing import LADDER, ScalingLaw, choose_size, effective_tokens, fit_law, shaped
+from tinylm.sizing import (LADDER, ScalingLaw, choose_size, effective_tokens, fit_law, fit_positions, shaped,
+                           window_excess)
 
 
 def test_repeated_tokens_count_less_and_less():
@@ -75,6 +76,39 @@ def test_the_shipped_law_prefers_more_parameters_and_more_data_and_fits_its_poin
         assert predicted == pytest.approx(p["predicted"], abs=1e-3) and abs(predicted - p["loss"]) < 0.1
 
 
+def test_the_context_term_is_a_windows_mean_excess_loss_against_the_laws_context():
+    law = ScalingLaw(E=1.5, A=30.0, B=400.0, alpha=0.34, beta=0.28, context=256, position_scale=1.5,
+                     position_exponent=1.0)
+    # c / t summed over a window is c times the harmonic number: H_T = ln T + Euler-Mascheroni + 1 / 2T - ...
+    harmonic = lambda n: math.log(n) + 0.5772156649 + 1 / (2 * n) - 1 / (12 * n * n)  # noqa: E731
+    assert window_excess(256, 1.5, 1.0) == pytest.approx(1.5 * harmonic(256) / 256, rel=1e-6)
+    assert law.context_loss(128) == pytest.approx(1.5 * (harmonic(128) / 128 - harmonic(256) / 256), rel=1e-5)
+    assert law.context_loss(256) == 0 and law.context_loss(128) > 0 > law.context_loss(512)
+    assert law.loss(1e6, 1e7, None, None, 128) == pytest.approx(law.loss(1e6, 1e7) + law.context_loss(128))
+    assert law.loss(1e6, 1e7) == law.loss(1e6, 1e7, None, None, 256)  # the law's own context: no term
+    assert dataclasses.replace(law, position_scale=0.0).context_loss(64) == 0  # no term: the context is free
+
+
+def test_the_position_fit_recovers_a_curve_it_was_given():
+    t = [float(x) for x in range(1, 257)]
+    wobble = [0.01 * math.sin(x) for x in t]  # what a finite held-out split adds
+    c, gamma, l_inf, rms = fit_positions([3.8 + 1.2 * x ** -0.7 + w for x, w in zip(t, wobble)])
+    assert gamma == pytest.approx(0.7, abs=0.02) and c == pytest.approx(1.2, rel=0.05)
+    assert l_inf == pytest.approx(3.8, abs=0.01) and rms < 0.011
+    with pytest.raises(ValueError, match="does not fall"):
+        fit_positions([3.8 - 0.5 * x ** -0.7 for x in t])  # context that hurts: no term
+
+
+def test_the_shipped_context_term_is_the_fit_of_the_losses_it_records():
+    shipped = json.loads((Path(sizing.__file__).with_name("scaling.json")).read_text())
+    law, record = ScalingLaw.load(), shipped["positions"]
+    c, gamma, l_inf, _ = fit_positions(record["losses"])
+    assert (law.position_scale, law.position_exponent) == (pytest.approx(c, rel=1e-4), gamma)
+    assert law.context == 256 == record["context_measured"] == len(record["losses"])
+    assert all(p["tokens_per_step"] // p["batch_size"] == law.context for p in shipped["points"])
+    assert 0 < law.context_loss(128) < 0.1 and -0.1 < law.context_loss(512) < 0
+
+
 def test_a_size_decides_the_shape_and_refuses_one_set_beside_it():
     cfg = load_config("cpu-demo")
     assert cfg.model.size == "auto"
@@ -94,7 +128,7 @@ def _fake_pace(monkeypatch, seconds_per_gflop: float, overhead_s: float = 0.0):
     timed = []
 
     def time_step(model, tc, rt, batch_size, seq_len, repeats=2):
-        timed.append(model.cfg.dim)
+        timed.append((model.cfg.dim, seq_len))
         return model.flops_per_token(seq_len) * batch_size * seq_len / 1e9 * seconds_per_gflop + overhead_s
 
     monkeypatch.setattr(sizing, "time_step", time_step)
@@ -163,6 +197,36 @@ def test_a_size_the_budget_cannot_train_is_not_timed(monkeypatch):
     assert chosen.name == "xs" and len(timed) == 1  # "s" would make fewer than MIN_STEPS: not even measured
 
 
+def test_half_the_context_is_timed_where_its_work_could_pay_and_trained_where_it_does(monkeypatch):
+    from tinylm.train import setup_runtime
+
+    model_cfg = ModelConfig(size="auto", max_seq_len=1024, vocab_size=512)  # attention is ~40% of xs's work here
+    tc = load_config("tiny", {"train.compile": "false", "train.max_steps": 0, "train.max_time": 60,
+                              "train.batch_size": 4}).train
+    law = ScalingLaw(E=1.5, A=30.0, B=40.0, alpha=0.34, beta=0.28, context=1024, position_scale=1.5,
+                     position_exponent=1.0)
+    assert sizing.context_choices(1024, law) == [1024, 512] and sizing.context_choices(100, law) == [100]
+    assert sizing.context_choices(1024, dataclasses.replace(law, position_scale=0.0)) == [1024]
+
+    def predicted(context, batch):  # xs (the budget gives s fewer than MIN_STEPS steps) from the fake pace
+        m = Transformer(dataclasses.replace(shaped(model_cfg, "xs"), max_seq_len=context))
+        step = m.flops_per_token(context) * batch * context / 1e9 * 0.02
+        return law.loss(m.num_params(embeddings=False), 60.0 / step * batch * context, 10**9, batch * context, context)
+
+    def choose(law):
+        timed = _fake_pace(monkeypatch, 0.02)
+        return choose_size(model_cfg, tc, setup_runtime(tc), 1024, 60.0, 10**9, 4 * 1024, None, law=law,
+                           say=lambda s: None), timed
+
+    assert predicted(512, 8) < predicted(1024, 4) - 0.05  # 1.23x the steps outweigh the shorter context's 0.009 nats
+    chosen, timed = choose(law)
+    assert (chosen.name, chosen.model.max_seq_len, chosen.batch_size) == ("xs", 512, 8)  # a step keeps its tokens
+    assert chosen.loss == pytest.approx(predicted(512, 8)) and (128, 512) in timed
+    for unpaid in (dataclasses.replace(law, position_scale=15.0), dataclasses.replace(law, error=0.1)):
+        chosen, timed = choose(unpaid)  # too dear a context, or a gain within the law's error: not even timed
+        assert (chosen.model.max_seq_len, chosen.batch_size) == (1024, 4) and all(t == 1024 for _, t in timed)
+
+
 def _sized(prepared, size: str, **overrides):
     cfg = tiny_config(prepared["cfg"].data.corpus[0], **overrides)
     return dataclasses.replace(cfg, model=ModelConfig(size=size, max_seq_len=cfg.model.max_seq_len))
@@ -195,6 +259,25 @@ def test_auto_trains_what_it_chose_and_a_resumed_run_keeps_it(prepared, tmp_path
     pretrain(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_time=3)), prepared["shards"], tmp_path)
     assert len(chosen) == 1  # resumed: its checkpoint's shape and batch, nothing measured again
     assert checkpoint_config(latest_checkpoint(tmp_path)).train.batch_size == chosen[0].batch_size
+
+
+def test_auto_trains_and_validates_at_the_context_it_chose(prepared, tmp_path, monkeypatch):
+    real = sizing.choose_size
+
+    def halved(*args, **kwargs):  # what the sizer returns where half the context wins
+        c = real(*args, **kwargs)
+        return dataclasses.replace(c, model=dataclasses.replace(c.model, max_seq_len=c.model.max_seq_len // 2),
+                                   batch_size=c.batch_size * 2)
+
+    monkeypatch.setattr(sizing, "choose_size", halved)
+    _fake_pace(monkeypatch, 0.5)
+    cfg = _sized(prepared, "auto", **{"train.max_steps": 0, "train.max_time": 2, "train.save_every": 0,
+                                      "train.compile": "false"})
+    pretrain(cfg, prepared["shards"], tmp_path)  # a window longer than the model's context would raise
+    saved = checkpoint_config(latest_checkpoint(tmp_path))
+    assert saved.model.max_seq_len == cfg.model.max_seq_len // 2 and saved.train.batch_size == 2 * cfg.train.batch_size
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in rows)
 
 
 def test_a_cpu_peak_read_low_under_load_gives_way_to_the_best_seen(tmp_path, monkeypatch):

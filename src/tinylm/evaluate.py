@@ -231,6 +231,30 @@ def shards_bits_per_byte(model: Transformer, shards_dir: str | Path, batch_size:
                        "the corpus is too small for data.val_fraction to hold one out)")
 
 
+@torch.inference_mode()
+def position_losses(model: Transformer, shards_dir: str | Path, batch_size: int = 16, max_windows: int = 0) -> list[float]:
+    """Mean held-out loss (nats) of the t-th scored token of a window, t = 1 .. model.max_seq_len: the
+    validation split's full windows as `shards_bits_per_byte` scores them (the t-th predicted from t
+    tokens). How much a token gains from the context before it; `sizing.fit_positions` fits it.
+    ValueError if the split holds no full window. `max_windows` keeps the first ones (0 = all)."""
+    from .shards import load_split
+
+    arrays, _ = load_split(shards_dir, "val")
+    window = model.cfg.max_seq_len
+    rows = (ids for a in arrays for ids, _ in _windows(a, window) if len(ids) == window + 1)
+    rows = [list(map(int, ids)) for ids in itertools.islice(rows, max_windows or None)]
+    if not rows:
+        raise ValueError(f"the validation split of {shards_dir} holds no full window of {window + 1} tokens")
+    device = model.tok_embeddings.weight.device
+    total = torch.zeros(window, dtype=torch.float64)
+    for start in range(0, len(rows), batch_size):
+        ids = torch.tensor(rows[start:start + batch_size], dtype=torch.long, device=device)
+        logits, _ = model(ids[:, :-1])
+        nll = -F.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, window)
+        total += nll.sum(0).double().cpu()
+    return (total / len(rows)).tolist()
+
+
 def chat_loss(model: Transformer, rows: Sequence[tuple[Sequence[int], Sequence[int]]], items: str = "conversations") -> dict:
     """Held-out conversations: mean loss on the assistant tokens only (what SFT trains), with a
     bootstrap interval over conversations; chance is a uniform guess over the vocabulary."""

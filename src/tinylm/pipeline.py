@@ -55,7 +55,7 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
     if cfg.model.vocab_size < tok.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
     tc, seq = cfg.train, cfg.model.max_seq_len
-    val_batch = tc.batch_size  # validation batches stay as set when model.size = "auto" trains at a smaller batch
+    val_tokens = tc.batch_size * seq  # a validation batch's, as set, whatever batch and context model.size = "auto" trains at
     train_arrays, train_info = load_split(shards_dir, "train")
     if cfg.model.size:
         model_cfg, batch_size, choosing_s = model_for_budget(cfg, Path(out_dir), rt, train_info["tokens"])
@@ -63,6 +63,8 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
         if choosing_s:  # choosing is part of the stage's time
             tc = dataclasses.replace(tc, max_time=max(1.0, round(tc.max_time - choosing_s, 1)))
         cfg = dataclasses.replace(cfg, model=model_cfg, train=tc)
+        seq = model_cfg.max_seq_len
+    val_batch = max(1, val_tokens // seq)
     batches = PackedBatches(train_arrays, seq, tc.batch_size, tc.seed, rt.rank, rt.world)
     val_arrays, val_info = load_split(shards_dir, "val")
     make_val, bpt = None, None
@@ -79,8 +81,9 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
 
 def model_for_budget(cfg: Config, out_dir: Path, rt: Runtime, unique_tokens: int):
     """(model shape, train.batch_size, seconds spent choosing) for `model.size`: a ladder entry at the
-    batch as set, or for "auto" the shape and batch with the lowest predicted loss in train.max_time on
-    this machine (sizing.py; the same on every rank). A resumed run keeps its checkpoint's shape and batch."""
+    batch and context as set, or for "auto" the shape, context and batch with the lowest predicted loss
+    in train.max_time on this machine (sizing.py; the same on every rank). A resumed run keeps its
+    checkpoint's shape, context and batch."""
     from . import sizing
     from .checkpoint import checkpoint_config, checkpoint_model_config, latest_checkpoint
 
@@ -94,16 +97,16 @@ def model_for_budget(cfg: Config, out_dir: Path, rt: Runtime, unique_tokens: int
     if previous is not None:
         return checkpoint_model_config(previous), checkpoint_config(previous).train.batch_size, 0.0
     t0 = time.perf_counter()
-    name = [None, tc.batch_size, 0.0]
+    name = [None, tc.batch_size, 0.0, cfg.model.max_seq_len]
     if rt.is_main:
         tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.max_seq_len * rt.world
         limits = [tc.max_epochs * unique_tokens if tc.max_epochs else 0, tc.max_tokens]
         chosen = sizing.choose_size(cfg.model, tc, rt, cfg.model.max_seq_len, tc.max_time, unique_tokens,
                                     tokens_per_step, min([x for x in limits if x], default=None), say=say)
-        name = [chosen.name, chosen.batch_size, time.perf_counter() - t0]
+        name = [chosen.name, chosen.batch_size, time.perf_counter() - t0, chosen.model.max_seq_len]
     if rt.distributed:  # every rank trains what rank 0 measured, for as long
         dist.broadcast_object_list(name, src=0)
-    return sizing.shaped(cfg.model, name[0]), name[1], name[2]
+    return dataclasses.replace(sizing.shaped(cfg.model, name[0]), max_seq_len=name[3]), name[1], name[2]
 
 
 # --- supervised fine-tuning ----------------------------------------------------------------------

@@ -27,7 +27,18 @@ The candidate with the lowest prediction is trained; a batch other than the one 
 predicted better by more than the law's RMS error (`error`), so that the fit's noise alone never
 moves it. The law was fitted on the built-in corpus with
 a 4,096-token vocabulary; on other data its absolute figures differ, and it is the ranking of the
-candidates it is used for. Context (`model.max_seq_len`) stays as set: the law has no term for it.
+candidates it is used for.
+
+Context: a window of T tokens is scored from position 1 to T, and its first tokens are predicted
+from little context. The law's points were trained and validated at one context T0 (`context`); at
+another T the law adds the mean excess loss of a window's positions,
+C(T) - C(T0) with C(T) = (1/T) sum_{t=1..T} c * t**-gamma, where c * t**-gamma is the excess loss of
+the t-th token of a window over a long context's, fitted to a trained model's held-out loss at each
+position (`position_scale` c, `position_exponent` gamma; `benchmarks/scaling.py --positions`). Half
+of `model.max_seq_len` (the longest context tried) is tried for the chosen size, at twice the batch
+so that a step keeps its tokens, when its work per token (`flops_per_token`, an upper bound on the
+speed-up) could pay for its excess loss; it is then timed, and like a batch other than the one set,
+must be predicted better by more than the law's error.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -91,7 +103,8 @@ def fixed_shape(model: ModelConfig, auto_as: str = "m") -> ModelConfig:
 class ScalingLaw:
     """L(N, D, b) = E + A / N**alpha + B / D'**beta, in nats per token (see the module docstring).
     noise_scale: B_* in tokens, 0 for no batch term; B_noise(L) = noise_scale / L**noise_exponent.
-    error: the fit's RMS error in nats, the least gain that moves the batch off `train.batch_size`."""
+    error: the fit's RMS error in nats, the least gain that moves the batch off `train.batch_size`.
+    context, position_scale, position_exponent: the context term (the module docstring); 0, none."""
     E: float
     A: float
     B: float
@@ -100,11 +113,27 @@ class ScalingLaw:
     noise_scale: float = 0.0
     noise_exponent: float = 0.0
     error: float = 0.0
+    context: int = 0  # T0: the context (tokens) the law's points trained and validated at
+    position_scale: float = 0.0  # c: the t-th token of a window loses c * t**-gamma nats more than with long context
+    position_exponent: float = 0.0  # gamma
 
     def loss(self, params: float, tokens: float, unique_tokens: float | None = None,
-             tokens_per_step: float | None = None) -> float:
+             tokens_per_step: float | None = None, seq_len: int | None = None) -> float:
         """Predicted loss of `params` (without the token embedding) trained on `tokens` in steps of
-        `tokens_per_step` (None: no batch discount), of data holding `unique_tokens`."""
+        `tokens_per_step` (None: no batch discount), of data holding `unique_tokens`, in windows of
+        `seq_len` tokens (None: the law's own context)."""
+        return self._data_loss(params, tokens, unique_tokens, tokens_per_step) + self.context_loss(seq_len)
+
+    def context_loss(self, seq_len: int | None) -> float:
+        """C(seq_len) - C(context) in nats per token: what windows of `seq_len` tokens lose (or gain,
+        when longer) against the law's context; 0 without a context term."""
+        if not (seq_len and self.context and self.position_scale):
+            return 0.0
+        return (window_excess(seq_len, self.position_scale, self.position_exponent)
+                - window_excess(self.context, self.position_scale, self.position_exponent))
+
+    def _data_loss(self, params: float, tokens: float, unique_tokens: float | None,
+                   tokens_per_step: float | None) -> float:
         seen = effective_tokens(tokens, unique_tokens)
         loss = self.E + self.A / params ** self.alpha + self.B / seen ** self.beta
         if not (self.noise_scale and tokens_per_step):
@@ -138,6 +167,31 @@ def effective_tokens(tokens: float, unique_tokens: float | None) -> float:
         return tokens
     repeats = tokens / unique_tokens - 1
     return unique_tokens * (1 + REPEAT_SCALE * (1 - math.exp(-repeats / REPEAT_SCALE)))
+
+
+def window_excess(seq_len: int, scale: float, exponent: float) -> float:
+    """C(T) = (1/T) sum_{t=1..T} scale * t**-exponent: a window's mean excess loss over long context."""
+    return scale * sum(t ** -exponent for t in range(1, seq_len + 1)) / seq_len
+
+
+def fit_positions(losses: Sequence[float]) -> tuple[float, float, float, float]:
+    """(c, gamma, l_inf, RMS error) of loss(t) = l_inf + c * t**-gamma fitted by least squares to the
+    mean held-out loss at each position t = 1, 2, ... of a window (`evaluate.position_losses`),
+    gamma on a grid of 0.05 to 2.0. ValueError if no fit has c > 0 (the loss does not fall with context)."""
+    import numpy as np
+
+    y = np.asarray(losses, dtype=np.float64)
+    t = np.arange(1, len(y) + 1, dtype=np.float64)
+    best = None
+    for gamma in np.arange(0.05, 2.001, 0.01):
+        X = np.stack([np.ones_like(t), t ** -gamma], axis=1)
+        (l_inf, c), *_ = np.linalg.lstsq(X, y, rcond=None)
+        rms = float(np.sqrt(np.mean((X @ np.array([l_inf, c]) - y) ** 2)))
+        if c > 0 and (best is None or rms < best[3]):
+            best = (float(c), round(float(gamma), 2), float(l_inf), rms)
+    if best is None:
+        raise ValueError("the held-out loss does not fall with the position in the window: no context term fits")
+    return best
 
 
 def batch_factor(tokens_per_step: float | None, noise_scale: float) -> float:
@@ -187,7 +241,7 @@ def fit_law(points: list[tuple[float, float, float, float, float]]) -> tuple[Sca
 @dataclass
 class Candidate:
     name: str
-    model: ModelConfig
+    model: ModelConfig  # model.max_seq_len is the candidate's context
     batch_size: int  # sequences per micro-batch
     params: int  # without the token embedding
     step_s: float  # measured, eager
@@ -195,7 +249,7 @@ class Candidate:
     compiled: bool
     loss: float  # predicted, nats per token
     flops: float  # training FLOPs per token
-    margin: float = 0.0  # added to the loss when ranking: the law's error, for a batch other than the one set
+    margin: float = 0.0  # added to the loss when ranking: the law's error, for a batch or context other than the one set
 
     @property
     def score(self) -> float:
@@ -204,10 +258,11 @@ class Candidate:
     def describe(self, unique_tokens: int) -> str:
         m = self.model
         return (f"{self.name:>3}: dim {m.dim} x {m.n_layers} layers, {self.params / 1e6:.1f}M parameters, "
-                f"batch {self.batch_size}, {self.step_s:.3f} s/step eager{' (compiled faster)' if self.compiled else ''} -> "
+                f"batch {self.batch_size} x {m.max_seq_len} tokens, {self.step_s:.3f} s/step eager"
+                f"{' (compiled faster)' if self.compiled else ''} -> "
                 f"{self.tokens / 1e6:.1f}M tokens ({self.tokens / max(1, unique_tokens):.1f} epochs), "
-                f"predicted loss {self.loss:.3f}" + (f" (+{self.margin:.3f}, the law's error, to move the batch)"
-                                                     if self.margin else ""))
+                f"predicted loss {self.loss:.3f}" + (f" (+{self.margin:.3f}, the law's error, to move off the "
+                                                     f"batch and context as set)" if self.margin else ""))
 
 
 WARMUP_STEPS = 3  # untimed: the first steps of a new shape run up to 1.5x slower (size s, bf16 EPYC: 0.62, 0.75, 0.63, then 0.48 s)
@@ -245,15 +300,16 @@ def batch_choices(batch_size: int, law: ScalingLaw) -> list[int]:
 def choose_size(model_cfg: ModelConfig, tc: TrainConfig, rt, seq_len: int, budget_s: float, unique_tokens: int,
                 tokens_per_step: int, max_tokens: float | None, law: ScalingLaw | None = None,
                 say=print) -> Candidate:
-    """The ladder size and batch with the lowest predicted loss for `budget_s` seconds of training on
-    this machine. tokens_per_step: at `tc.batch_size` (all ranks and accumulation included).
+    """The ladder size, batch and context with the lowest predicted loss for `budget_s` seconds of
+    training on this machine. tokens_per_step: at `tc.batch_size` and `seq_len` (all ranks and
+    accumulation included).
 
-    Sizes are timed smallest first, each at every batch of `batch_choices`; the search stops at the
-    first size predicted worse than the best so far (the loss is lowest at one size and rises on both
-    sides of it), or that the budget gives fewer than MIN_STEPS steps. max_tokens: what the epoch and
-    token limits allow (`tc.max_steps` is applied per batch).
+    Sizes are timed smallest first at `seq_len`, each at every batch of `batch_choices`; the search
+    stops at the first size predicted worse than the best so far (the loss is lowest at one size and
+    rises on both sides of it), or that the budget gives fewer than MIN_STEPS steps. Then the chosen
+    size is tried at half the context (`context_choices`). max_tokens: what the epoch and token limits
+    allow (`tc.max_steps` is applied per batch).
     """
-    from .compiling import choice, known_cost, plan_key
     from .model import Transformer
 
     law = law or ScalingLaw.load()
@@ -269,20 +325,10 @@ def choose_size(model_cfg: ModelConfig, tc: TrainConfig, rt, seq_len: int, budge
             if budget_s / guess < MIN_STEPS:
                 say(f"size (auto): {name} would make only ~{budget_s / guess:.0f} steps in the budget; not tried")
                 break
-        params = model.num_params(embeddings=False)
         size_best: Candidate | None = None
         for batch in batch_choices(tc.batch_size, law):
-            step_tokens = tokens_per_step * batch // tc.batch_size
-            step_s = time_step(model, tc, rt, batch, seq_len) * tc.grad_accum
-            cost = known_cost(plan_key(cfg, rt.device, rt.dtype, batch, seq_len), rt.device, rt.dtype, cfg.n_layers)
-            compiled = {True: True, False: False, None: cost.pays(budget_s)}[choice(tc.compile)]
-            seconds = budget_s - cost.compile_s if compiled else budget_s
-            steps = max(0.0, seconds) / (step_s / cost.speedup if compiled else step_s)
-            steps = min(steps, tc.max_steps) if tc.max_steps else steps
-            tokens = steps * step_tokens if not max_tokens else min(steps * step_tokens, max_tokens)
-            cand = Candidate(name, cfg, batch, params, step_s, tokens, compiled,
-                             law.loss(params, tokens, unique_tokens, step_tokens), flops,
-                             margin=law.error if batch != tc.batch_size else 0.0)
+            cand = _candidate(name, model, tc, rt, batch, tokens_per_step * batch // tc.batch_size, budget_s,
+                              unique_tokens, max_tokens, law, margin=law.error if batch != tc.batch_size else 0.0)
             say(f"size (auto): {cand.describe(unique_tokens)}")
             if size_best is None or cand.score < size_best.score:
                 size_best = cand
@@ -291,6 +337,53 @@ def choose_size(model_cfg: ModelConfig, tc: TrainConfig, rt, seq_len: int, budge
             break
         best = size_best
     assert best is not None
+    for context in context_choices(seq_len, law)[1:]:
+        batch = best.batch_size * seq_len // context  # a step keeps its tokens
+        model = Transformer(dataclasses.replace(best.model, max_seq_len=context)).to(rt.device)
+        bound = _candidate(best.name, model, tc, rt, batch, tokens_per_step * best.batch_size // tc.batch_size,
+                           budget_s, unique_tokens, max_tokens, law, margin=law.error,
+                           step_s=best.step_s * model.flops_per_token(context) / best.flops)
+        if bound.score >= best.score:  # not even at the speed-up its work per token allows
+            say(f"size (auto): context {context} would lose {law.context_loss(context):.3f} nats for at most "
+                f"{best.flops / bound.flops:.2f}x the pace: not tried")
+            continue
+        cand = _candidate(best.name, model, tc, rt, batch, tokens_per_step * best.batch_size // tc.batch_size,
+                          budget_s, unique_tokens, max_tokens, law, margin=law.error)
+        say(f"size (auto): {cand.describe(unique_tokens)}")
+        if cand.score < best.score:
+            best = cand
     say(f"size (auto): training {best.name} (dim {best.model.dim} x {best.model.n_layers} layers) at batch "
-        f"{best.batch_size}; choosing took {time.perf_counter() - t_start:.0f} s")
+        f"{best.batch_size} x {best.model.max_seq_len} tokens; choosing took {time.perf_counter() - t_start:.0f} s")
     return best
+
+
+MIN_CONTEXT = 64  # tokens: the shortest context tried
+
+
+def context_choices(seq_len: int, law: ScalingLaw) -> list[int]:
+    """The contexts tried: `seq_len`, and its half where the law has a context term and the half is
+    MIN_CONTEXT or more."""
+    if not (law.position_scale and law.context) or seq_len // 2 < MIN_CONTEXT:
+        return [seq_len]
+    return [seq_len, seq_len // 2]
+
+
+def _candidate(name: str, model, tc: TrainConfig, rt, batch: int, step_tokens: int, budget_s: float,
+               unique_tokens: int, max_tokens: float | None, law: ScalingLaw, margin: float,
+               step_s: float | None = None) -> Candidate:
+    """`model` at `batch` sequences of its context for the budget: its step timed here (or `step_s`),
+    compiled where `tc.compile` would, and its loss predicted."""
+    from .compiling import choice, known_cost, plan_key
+
+    cfg, seq_len = model.cfg, model.cfg.max_seq_len
+    if step_s is None:
+        step_s = time_step(model, tc, rt, batch, seq_len) * tc.grad_accum
+    cost = known_cost(plan_key(cfg, rt.device, rt.dtype, batch, seq_len), rt.device, rt.dtype, cfg.n_layers)
+    compiled = {True: True, False: False, None: cost.pays(budget_s)}[choice(tc.compile)]
+    seconds = budget_s - cost.compile_s if compiled else budget_s
+    steps = max(0.0, seconds) / (step_s / cost.speedup if compiled else step_s)
+    steps = min(steps, tc.max_steps) if tc.max_steps else steps
+    tokens = steps * step_tokens if not max_tokens else min(steps * step_tokens, max_tokens)
+    return Candidate(name, cfg, batch, model.num_params(embeddings=False), step_s, tokens, compiled,
+                     law.loss(model.num_params(embeddings=False), tokens, unique_tokens, step_tokens, seq_len),
+                     model.flops_per_token(seq_len), margin=margin)
