@@ -208,3 +208,27 @@ def test_position_losses_score_the_t_th_token_of_each_full_window_from_t_tokens(
         rows = [(w[:t + 1], [0] * t + [1]) for w in windows]
         assert losses[t - 1] == pytest.approx(-sum(lp for lp, _ in masked_logprobs(model, rows)) / len(rows), rel=1e-4)
     assert position_losses(model, prepared["shards"], max_windows=2) != losses[:16]  # two windows, other means
+
+
+def test_a_capped_evaluation_scores_items_spread_over_the_task_not_its_first_ones(prepared, tmp_path):
+    from tinylm.evaluate import masked_logprobs, read_jsonl, shards_bits_per_byte, spread
+    from tinylm.shards import load_split
+
+    assert spread(10, 3) == [0, 3, 6] and spread(10, 0) == spread(10, 10) == spread(10, 50) == list(range(10))
+    assert spread(7, 7) == list(range(7)) and len(set(spread(1000, 999))) == 999
+    tasks = tmp_path / "task.jsonl"
+    tasks.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(10)))
+    assert [r["i"] for r in read_jsonl(tasks, 3)] == [0, 3, 6] and len(read_jsonl(tasks)) == 10
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16, vocab_size=512)).eval()
+    arrays, _ = load_split(prepared["shards"], "val")
+    windows = [list(map(int, a[s:s + 17])) for a in arrays for s in range(0, len(a) - 1, 16)]  # the last of each may be short
+    assert len(windows) > 6
+    for cap in (5, 0):
+        picked = [windows[i] for i in spread(len(windows), cap)]
+        scored = masked_logprobs(model, [(w, [0] + [1] * (len(w) - 1)) for w in picked], batch_size=1)
+        nll, tokens = -sum(lp for lp, _ in scored), sum(n for _, n in scored)
+        result = shards_bits_per_byte(model, prepared["shards"], max_windows=cap)
+        assert result["n"] == len(picked) and result["tokens"] == tokens
+        assert result["loss"] == pytest.approx(nll / tokens, rel=1e-4)

@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="conversation JSONL: loss on the assistant tokens (default for an SFT checkpoint: its held-out split)")
     p["eval"].add_argument("--shards", default=None, help="shard folder: bits-per-byte of its validation split")
     p["eval"].add_argument("--max-items", type=int, default=None,
-                           help="score at most this many items per task (default: all, or --eval.max_items)")
+                           help="score at most this many items per task, spread evenly over it (default: all, or --eval.max_items)")
     p["report"].add_argument("run", help="run directory (the --out of `tinylm run`)")
     p["export"].add_argument("--format", choices=["hf", "gguf"], default="hf",
                              help="hf: transformers LlamaForCausalLM; gguf: llama.cpp / Ollama (needs `pip install gguf`)")

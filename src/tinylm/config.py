@@ -265,7 +265,7 @@ class SamplingError(ConfigError):
 @dataclass
 class EvalConfig:
     enabled: bool = True  # `tinylm run` evaluates each trained stage (-> CKPT/eval.json) and writes RUN/report.html
-    max_items: int = 200  # per task: validation windows, held-out conversations or task items (0 = all)
+    max_items: int = 200  # per task: validation windows, held-out conversations or task items, spread evenly over it (0 = all)
     blimp: list[str] = field(default_factory=list)  # BLiMP-format JSONL files (sentence_good, sentence_bad)
     choice: list[str] = field(default_factory=list)  # HellaSwag/ARC JSONL files or Hugging Face dataset names
 

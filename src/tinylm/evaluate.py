@@ -9,7 +9,6 @@ with different tokenizers can be compared. All scoring goes through one function
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -144,16 +143,23 @@ def bits_per_byte(model: Transformer, tok: Tokenizer, texts: Iterable[str], batc
 
 
 # --- task files -----------------------------------------------------------------------------------
+def spread(n: int, limit: int) -> list[int]:
+    """`limit` indices of n items spread evenly over them (j * n // limit), all of them when
+    `limit` is 0 or n or more. Task files and held-out splits are often in order (BLiMP by
+    phenomenon, a corpus by source), so a capped evaluation that takes the first items scores a
+    corner of the task: the first 200 of the default run's 656 validation windows scored 1.554
+    bits/byte where all of them score 1.540."""
+    if not limit or limit >= n:
+        return list(range(n))
+    return [j * n // limit for j in range(limit)]
+
+
 def read_jsonl(path: str | Path, limit: int = 0) -> list[dict]:
-    """The first `limit` records (0 = all) of a task file; errors name the file and line."""
+    """`limit` records (0 = all) of a task file, spread evenly over it; errors name the file and line."""
     from .corpus import jsonl_records
 
-    rows = []
-    for _, record in jsonl_records(path):
-        rows.append(record)
-        if limit and len(rows) >= limit:
-            break
-    return rows
+    rows = [record for _, record in jsonl_records(path)]
+    return [rows[i] for i in spread(len(rows), limit)]
 
 
 def minimal_pairs(model: Transformer, tok: Tokenizer, rows: list[dict], source: str = "") -> dict:
@@ -216,13 +222,20 @@ def shards_bits_per_byte(model: Transformer, shards_dir: str | Path, batch_size:
     """The validation split of a shard folder: every token after the first scored once, in context windows.
 
     Shards keep no document boundaries' byte counts, so each window is given the split's average
-    bytes per token; the interval resamples windows. `max_windows` keeps the first ones (0 = all)."""
+    bytes per token; the interval resamples windows. `max_windows` takes that many spread evenly
+    over the split (`spread`; 0 = all)."""
     from .shards import load_split
 
     arrays, info = load_split(shards_dir, "val")
     per_token = info["bytes"] / max(1, sum(max(0, len(a) - 1) for a in arrays))  # the split's bytes per scored token
-    rows = itertools.chain.from_iterable(_windows(a, model.cfg.max_seq_len) for a in arrays)
-    rows = [(ids.tolist(), mask) for ids, mask in itertools.islice(rows, max_windows or None)]
+    window = model.cfg.max_seq_len
+    ends = np.cumsum([max(0, -(-(len(a) - 1) // window)) for a in arrays])  # windows up to each array's end
+    rows = []
+    for k in spread(int(ends[-1]) if len(ends) else 0, max_windows):
+        i = int(np.searchsorted(ends, k, side="right"))
+        start = (k - (int(ends[i - 1]) if i else 0)) * window
+        piece = arrays[i][start:start + window + 1]
+        rows.append((piece.tolist(), [0] + [1] * (len(piece) - 1)))
     scored = masked_logprobs(model, rows, batch_size)
     tokens = [count for _, count in scored]
     return _text_score([-logp for logp, _ in scored], tokens, [count * per_token for count in tokens],
@@ -236,13 +249,13 @@ def position_losses(model: Transformer, shards_dir: str | Path, batch_size: int 
     """Mean held-out loss (nats) of the t-th scored token of a window, t = 1 .. model.max_seq_len: the
     validation split's full windows as `shards_bits_per_byte` scores them (the t-th predicted from t
     tokens). How much a token gains from the context before it; `sizing.fit_positions` fits it.
-    ValueError if the split holds no full window. `max_windows` keeps the first ones (0 = all)."""
+    ValueError if the split holds no full window. `max_windows`: that many, spread evenly (0 = all)."""
     from .shards import load_split
 
     arrays, _ = load_split(shards_dir, "val")
     window = model.cfg.max_seq_len
-    rows = (ids for a in arrays for ids, _ in _windows(a, window) if len(ids) == window + 1)
-    rows = [list(map(int, ids)) for ids in itertools.islice(rows, max_windows or None)]
+    rows = [ids for a in arrays for ids, _ in _windows(a, window) if len(ids) == window + 1]
+    rows = [list(map(int, rows[i])) for i in spread(len(rows), max_windows)]
     if not rows:
         raise ValueError(f"the validation split of {shards_dir} holds no full window of {window + 1} tokens")
     device = model.tok_embeddings.weight.device
@@ -273,25 +286,21 @@ def chat_loss(model: Transformer, rows: Sequence[tuple[Sequence[int], Sequence[i
 def _conversation_rows(tok: Tokenizer, paths: Sequence[str], limit: int) -> list[tuple[list[int], list[int]]]:
     from .conversations import read_conversations
 
-    rows = []
-    for conv in read_conversations(paths):
-        rows.append(tok.render_chat(conv.messages))
-        if limit and len(rows) >= limit:
-            break
-    return rows
+    convs = list(read_conversations(paths))
+    return [tok.render_chat(convs[i].messages) for i in spread(len(convs), limit)]
 
 
 def _sft_val_rows(data_dir: Path, limit: int) -> list[tuple[list[int], list[int]]]:
     from .conversations import SFTRows
 
     val = SFTRows.load(data_dir, "val")
-    n = min(len(val), limit) if limit else len(val)
-    return [tuple(a.tolist() for a in val.row(i)) for i in range(n)]
+    return [tuple(a.tolist() for a in val.row(i)) for i in spread(len(val), limit)]
 
 
 def read_choice_task(spec: str, limit: int = 0) -> list[dict]:
     """A local JSONL file, or a Hugging Face dataset in the collect syntax (`Rowan/hellaswag`,
-    `allenai/ai2_arc/ARC-Easy?split=test`; the split defaults to validation), streamed."""
+    `allenai/ai2_arc/ARC-Easy?split=test`; the split defaults to validation), streamed; `limit`
+    items spread evenly over it (0 = all)."""
     if Path(spec).is_file():
         return read_jsonl(spec, limit)
     from datasets import load_dataset
@@ -300,12 +309,8 @@ def read_choice_task(spec: str, limit: int = 0) -> list[dict]:
 
     name, config, options = parse_hf_spec(spec)
     split = options.pop("split", "validation")
-    rows = []
-    for row in load_dataset(name, config, split=split, streaming=True, **options):
-        rows.append(dict(row))
-        if limit and len(rows) >= limit:
-            break
-    return rows
+    rows = [dict(row) for row in load_dataset(name, config, split=split, streaming=True, **options)]
+    return [rows[i] for i in spread(len(rows), limit)]
 
 
 def evaluate_checkpoint(checkpoint: str | Path, texts: Sequence[str] = (), blimp: Sequence[str] = (),
