@@ -276,6 +276,8 @@ def test_auto_trains_and_validates_at_the_context_it_chose(prepared, tmp_path, m
     pretrain(cfg, prepared["shards"], tmp_path)  # a window longer than the model's context would raise
     saved = checkpoint_config(latest_checkpoint(tmp_path))
     assert saved.model.max_seq_len == cfg.model.max_seq_len // 2 and saved.train.batch_size == 2 * cfg.train.batch_size
+    tok_cfg = json.loads((latest_checkpoint(tmp_path) / "tokenizer_config.json").read_text())
+    assert tok_cfg["model_max_length"] == saved.model.max_seq_len  # what transformers truncates at is the model's
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in rows)
 

@@ -49,6 +49,9 @@ def save_checkpoint(run_dir: str | Path, model: Transformer, cfg: Config, tokeni
             torch.save({"optimizer": optimizer_state, **(extra_state or {})}, tmp / "trainer_state.pt")
         for name in TOKENIZER_FILES:
             shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        tok_cfg = read_json(tmp / "tokenizer_config.json")
+        if tok_cfg.get("model_max_length", model.cfg.max_seq_len) != model.cfg.max_seq_len:  # the model's context
+            write_json(tmp / "tokenizer_config.json", {**tok_cfg, "model_max_length": model.cfg.max_seq_len})
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         write_json(tmp / "meta.json", {
             "format": "tinylm-checkpoint/1",
