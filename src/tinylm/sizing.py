@@ -68,6 +68,7 @@ LADDER: dict[str, tuple[int, int, int, int]] = {
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
 REPEAT_SCALE = 15.4  # R*_D of Muennighoff et al. 2023 (fitted there on 8.7B-token C4 runs)
 MIN_STEPS = 50  # a candidate that the budget gives fewer steps than this is not tried
+MIN_CONTEXT = 64  # tokens: the shortest context tried
 
 
 def check_size(model: ModelConfig) -> None:
@@ -316,7 +317,7 @@ def choose_size(model_cfg: ModelConfig, tc: TrainConfig, rt, seq_len: int, budge
     best: Candidate | None = None
     t_start = time.perf_counter()
     for name in LADDER:
-        cfg = shaped(model_cfg, name)
+        cfg = dataclasses.replace(shaped(model_cfg, name), max_seq_len=seq_len)
         torch.manual_seed(0)
         model = Transformer(cfg).to(rt.device)
         flops = model.flops_per_token(seq_len)
@@ -355,9 +356,6 @@ def choose_size(model_cfg: ModelConfig, tc: TrainConfig, rt, seq_len: int, budge
     say(f"size (auto): training {best.name} (dim {best.model.dim} x {best.model.n_layers} layers) at batch "
         f"{best.batch_size} x {best.model.max_seq_len} tokens; choosing took {time.perf_counter() - t_start:.0f} s")
     return best
-
-
-MIN_CONTEXT = 64  # tokens: the shortest context tried
 
 
 def context_choices(seq_len: int, law: ScalingLaw) -> list[int]:
