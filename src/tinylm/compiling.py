@@ -31,9 +31,10 @@ from .files import hash_json, write_json
 
 # Before this machine has measured its own: seconds to compile per transformer block and the step
 # speed-up, by device and CPU precision. From 2-core EPYCs (bf16, 2026-11: cpu-speedrun 30 s for 4 blocks,
-# 1.3x; cpu-demo ~50 s for 6, 1.4x; bf16, 2026-12-01: sizes s and l 30 s for 6 and 35 s for 8 blocks,
-# 1.9-2.0x; AVX2 fp32: cpu-demo 77 s for 6, 1.18x) and an H200 (gpu-26m 30 s, 2x).
-ESTIMATES = {("cpu", "bf16"): (6.0, 1.6), ("cpu", "fp32"): (13.0, 1.18), ("cuda", ""): (4.0, 2.0), ("mps", ""): (10.0, 1.2)}
+# 1.3x; cpu-demo ~50 s for 6, 1.4x; bf16, 2026-12-01: sizes s and l 30 s for 6 and 35 s for 8 blocks;
+# the ladder sizes xs to l at 16 x 256 tokens, 18 compiles: median 1.89x, from 1.13 to 3.02x;
+# AVX2 fp32: cpu-demo 77 s for 6, 1.18x) and an H200 (gpu-26m 30 s, 2x).
+ESTIMATES = {("cpu", "bf16"): (6.0, 1.85), ("cpu", "fp32"): (13.0, 1.18), ("cuda", ""): (4.0, 2.0), ("mps", ""): (10.0, 1.2)}
 MIN_SPEEDUP = 1.02  # a compiled step measured slower than this is not worth compiling again
 KEEP_RUNS = 5  # measurements kept per shape; their median is used
 # a pace is the median of at least this many seconds of steps: five steps of xs at batch 4 (~0.03 s each)
