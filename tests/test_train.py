@@ -461,6 +461,26 @@ def test_compile_auto_switches_mid_run_and_remembers_the_cost(prepared, tmp_path
     assert measured.measured and measured.speedup != 10.0 and cache_file().is_file()  # the real figures replace it
 
 
+def test_compile_auto_goes_back_to_eager_where_the_compiled_step_is_slower(prepared, tmp_path, monkeypatch):
+    import tinylm.train as train_mod
+    from tinylm.compiling import CompileTimer, plan_key, record_cost
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("tinylm.compiling.MIN_TIMED_S", 0.0)
+    real_step, real_wrap, wrapped = CompileTimer.step, train_mod.wrap, []
+    monkeypatch.setattr(CompileTimer, "step", lambda self, dt: real_step(self, dt * 50))  # compiled steps 50x slower
+    monkeypatch.setattr(train_mod, "wrap", lambda model, rt, tc, compiled: wrapped.append(compiled) or real_wrap(model, rt, tc, compiled))
+    cfg = _cfg(prepared, **{"train.max_steps": 16, "train.compile": "auto", "train.eval_every": 0, "train.dtype": "fp32"})
+    rt = train_mod.setup_runtime(cfg.train)
+    key = plan_key(dataclasses.replace(cfg.model, vocab_size=384), rt.device, rt.dtype, cfg.train.batch_size,
+                   cfg.model.max_seq_len)
+    record_cost(key, 0.0, 10.0)  # the cache promises a free 10x compile
+    pretrain(cfg, prepared["shards"], tmp_path / "run")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "slower than eager here: training on eagerly" in log
+    assert wrapped == [False, True, False]  # eager, compiled mid-run, eager again once measured slower
+
+
 def test_a_compile_pause_does_not_cut_a_time_measured_warmup_short():
     """A time-limited run warms up over a share of the steps its pace promises: the 8 s spent compiling
     at step 3 of a 215 s run would otherwise count as 4% of the run, and the peak would come at step ~5."""

@@ -130,6 +130,7 @@ class CompileTimer:
     def __init__(self, eager_step_s: float, key: str, steps: int = 5):
         self.eager_step_s, self.key, self.steps = eager_step_s, key, steps
         self.times: list[float] = []
+        self.speedup: float | None = None  # once measured
 
     def step(self, dt: float) -> str | None:
         """Feed each compiled step's time; returns a log line once the measurement is recorded."""
@@ -138,7 +139,8 @@ class CompileTimer:
         if compiled is None:
             return None
         compile_s = max(0.0, self.times[0] - compiled)
-        speedup = self.eager_step_s / compiled
+        self.speedup = speedup = self.eager_step_s / compiled
         record_cost(self.key, compile_s, speedup)
         return (f"compile: took {compile_s:.0f} s; steps {speedup:.2f}x faster ({self.eager_step_s:.3f} -> "
-                f"{compiled:.3f} s); remembered in {cache_file()} for the next run")
+                f"{compiled:.3f} s); remembered in {cache_file()} for the next run"
+                + ("; slower than eager here: training on eagerly" if speedup < 1 else ""))

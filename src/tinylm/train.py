@@ -486,6 +486,9 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
             progress.reserve = loop_time.reserve(validation_s, save_s, pace.step_s)
             if compile_timer is not None and (said := compile_timer.step(dt)):
                 log.line(said)
+                if compile_timer.speedup < 1:  # measured slower (an AVX2 CPU: 0.95x): back to the eager step
+                    model.attention = attention_kernel(tc, rt.device, False)
+                    wrapped = step.wrapped = wrap(model, rt, tc, False)
                 compile_timer = None
             if compiled is None and steps_run > 1:  # "auto": the eager steps after the first (its warm-up)
                 eager_times.append(dt)
