@@ -213,21 +213,23 @@ def test_the_gradient_scaler_unscales_and_skips_both_optimizers():
     assert scaler.get_scale() == 512.0
 
 
-def test_muon_in_fp32_makes_torchs_bf16_update():
-    """tinylm's Muon with the Newton-Schulz iteration in fp32 (for CPUs without bf16) against
-    torch.optim.Muon (bf16): the same update to bf16 rounding, over three steps of momentum, on a
-    wide and a tall matrix; in fp64 the iteration leaves every singular value near 1 (0.5-1.5,
-    Jordan et al.) whatever the input's scale."""
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_muon_makes_torchs_update(ns_dtype):
+    """tinylm's Muon (the Newton-Schulz iteration in `ns_dtype`, once per shape on the stacked
+    matrices) against torch.optim.Muon (bf16, one matrix at a time): the same update to bf16
+    rounding, over three steps of momentum, on wide, tall and square matrices, two of each shape
+    but one; in fp64 the iteration leaves every singular value near 1 (0.5-1.5, Jordan et al.)
+    whatever the input's scale, stacked or not."""
     from tinylm.train import Muon, newton_schulz
 
     torch.manual_seed(0)
-    start = [torch.randn(48, 96), torch.randn(96, 48)]
+    start = [torch.randn(48, 96), torch.randn(96, 48), torch.randn(48, 96), torch.randn(96, 48), torch.randn(64, 64)]
     ours = [torch.nn.Parameter(w.clone()) for w in start]
     theirs = [torch.nn.Parameter(w.clone()) for w in start]
     kwargs = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
-    opt_ours, opt_theirs = Muon(ours, ns_dtype=torch.float32, **kwargs), torch.optim.Muon(theirs, **kwargs)
+    opt_ours, opt_theirs = Muon(ours, ns_dtype=ns_dtype, **kwargs), torch.optim.Muon(theirs, **kwargs)
     for _ in range(3):
-        grads = [torch.randn_like(w) for w in start]
+        grads = [torch.randn_like(w) * (1 + i) for i, w in enumerate(start)]  # each matrix its own scale
         for params, opt in ((ours, opt_ours), (theirs, opt_theirs)):
             for p, g in zip(params, grads):
                 p.grad = g.clone()
@@ -236,6 +238,16 @@ def test_muon_in_fp32_makes_torchs_bf16_update():
         moved_a, moved_b = a.detach() - w, b.detach() - w
         assert moved_b.norm() > 0.005 * w.norm()  # torch moved it (~1% in three steps)
         assert (moved_a - moved_b).norm() < 0.03 * moved_b.norm()
+    assert opt_ours.state_dict()["state"][0]["momentum_buffer"].shape == (48, 96)  # torch's state layout
+    stack = torch.randn(3, 32, 80, dtype=torch.float64) * torch.tensor([1e-3, 1.0, 1e3], dtype=torch.float64)[:, None, None]
+    coefficients = (3.4445, -4.7750, 2.0315)
+    a, b, c = coefficients
+    for g, x in zip(stack, newton_schulz(stack, coefficients, 5, 1e-7, torch.float64)):
+        ref = g / g.norm()  # the textbook iteration, one matrix: X <- a X + (b A + c A^2) X, A = X X^T
+        for _ in range(5):
+            gram = ref @ ref.T
+            ref = a * ref + (b * gram + c * gram @ gram) @ ref
+        torch.testing.assert_close(x, ref)
     for scale in (1e-3, 1.0, 1e3):
         sv = torch.linalg.svdvals(newton_schulz(scale * torch.randn(32, 80, dtype=torch.float64),
                                                 (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float64))
