@@ -30,11 +30,12 @@ import torch
 from .files import hash_json, write_json
 
 # Before this machine has measured its own: seconds to compile per transformer block and the step
-# speed-up, by device and CPU precision. From 2-core EPYCs (bf16, 2026-11: cpu-speedrun 30 s for 4 blocks,
-# 1.3x; cpu-demo ~50 s for 6, 1.4x; bf16, 2026-12-01: sizes s and l 30 s for 6 and 35 s for 8 blocks;
-# the ladder sizes xs to l at 16 x 256 tokens, 18 compiles: median 1.89x, from 1.13 to 3.02x;
-# AVX2 fp32: cpu-demo 77 s for 6, 1.18x) and an H200 (gpu-26m 30 s, 2x).
-ESTIMATES = {("cpu", "bf16"): (6.0, 1.85), ("cpu", "fp32"): (13.0, 1.18), ("cuda", ""): (4.0, 2.0), ("mps", ""): (10.0, 1.2)}
+# speed-up, by device and CPU precision. The machine that has measured nothing has an empty Inductor
+# cache too, and compiles cold: bf16, xs (4 blocks) 34 and 46 s on a 2-core EPYC, 52 and 53 s on a
+# 2-core Xeon, s (6 blocks) 60 s on the Xeon (2026-12-01/02; a warm cache: 13 s); the ladder sizes
+# xs to l at 16 x 256 tokens, 18 compiles: median 1.89x, from 1.13 to 3.02x. AVX2 fp32: cpu-demo 77 s
+# for 6 blocks, 1.18x. An H200: gpu-26m 30 s for 8, 2x.
+ESTIMATES = {("cpu", "bf16"): (10.0, 1.85), ("cpu", "fp32"): (13.0, 1.18), ("cuda", ""): (4.0, 2.0), ("mps", ""): (10.0, 1.2)}
 MIN_SPEEDUP = 1.02  # a compiled step measured slower than this is not worth compiling again
 KEEP_RUNS = 5  # measurements kept per shape; their median is used
 # a pace is the median of at least this many seconds of steps: five steps of xs at batch 4 (~0.03 s each)
