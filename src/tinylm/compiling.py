@@ -1,9 +1,9 @@
 """Compile the training step only when it pays for itself within the run (`train.compile = "auto"`).
 
-`torch.compile` costs time once (about 30 s for `cpu-speedrun` on a bf16 CPU, 77 s for `cpu-demo` and
-147 s for `gpu-26m` on an AVX2 one) and then makes each step faster (1.2-1.4x on CPUs, 2x and more
-on GPUs). In a run of a few minutes the cost can exceed the gain. "auto" trains the first steps eager,
-which measures the eager pace, then compiles only if
+`torch.compile` costs time once (for `cpu-speedrun` on a 2-core bf16 CPU 11-13 s with a warm Inductor
+cache, 48-53 s cold; 77 s for `cpu-demo` and 147 s for `gpu-26m` on an AVX2 one) and then makes each
+step faster (1.2-1.9x on CPUs, 2x and more on GPUs). In a run of a few minutes the cost can exceed the
+gain. "auto" trains the first steps eager, which measures the eager pace, then compiles only if
 
     compile_s < remaining_s * (1 - 1 / speedup)
 
