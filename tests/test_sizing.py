@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_config
 from tinylm import sizing
 from tinylm.checkpoint import checkpoint_config, checkpoint_model_config, latest_checkpoint
-from tinylm.config import ConfigError, ModelConfig, load_config
+from tinylm.config import OPTIMIZERS, ConfigError, ModelConfig, load_config
 from tinylm.model import Transformer
 from tinylm.pipeline import pretrain
 from tinylm.sizing import (LADDER, ScalingLaw, choose_size, effective_tokens, fit_law, fit_positions, shaped,
@@ -65,15 +65,31 @@ def test_a_smaller_batch_learns_more_from_the_same_tokens_by_mccandlish_factor()
     assert ScalingLaw(1.5, 30.0, 400.0, 0.34, 0.28).loss(1e6, 1e6, None, 1024) == law.loss(1e6, 1e6)  # no term
 
 
-def test_the_shipped_law_prefers_more_parameters_and_more_data_and_fits_its_points():
-    law = ScalingLaw.load()
+SHIPPED = json.loads((Path(sizing.__file__).with_name("scaling.json")).read_text())
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_each_optimizers_shipped_law_prefers_more_parameters_and_more_data_and_fits_its_points(optimizer):
+    law = ScalingLaw.load(optimizer)
     assert law.A >= 0 and law.B >= 0 and law.noise_scale >= 0 and math.isfinite(law.E)
     assert law.loss(4e6, 1e7, 3e6, 4096) < law.loss(1e6, 1e7, 3e6, 4096)
     assert law.loss(4e6, 2e7, 3e6, 4096) < law.loss(4e6, 1e7, 3e6, 4096)
-    shipped = json.loads((Path(sizing.__file__).with_name("scaling.json")).read_text())
-    for p in shipped["points"]:  # what the file records is what the law predicts
+    record = SHIPPED["laws"][optimizer]
+    assert {p["optimizer"] for p in record["points"]} == {optimizer}
+    for p in record["points"]:  # what the file records is what the law predicts
         predicted = law.loss(p["params"], p["tokens"], p["unique_tokens"], p["tokens_per_step"])
         assert predicted == pytest.approx(p["predicted"], abs=1e-3) and abs(predicted - p["loss"]) < 0.1
+    rms = math.sqrt(sum((law.loss(p["params"], p["tokens"], p["unique_tokens"], p["tokens_per_step"]) - p["loss"]) ** 2
+                        for p in record["points"]) / len(record["points"]))
+    assert law.error == pytest.approx(rms, abs=1e-4) == record["rms_error"]
+
+
+def test_a_law_file_without_the_optimizers_law_names_it(tmp_path):
+    path = tmp_path / "scaling.json"
+    path.write_text(json.dumps({"laws": {"adamw": SHIPPED["laws"]["adamw"]}}))
+    assert ScalingLaw.load("adamw", path) == ScalingLaw(**SHIPPED["laws"]["adamw"]["law"])
+    with pytest.raises(ValueError, match=r"scaling\.json holds scaling laws for adamw, not for train\.optimizer='muon'"):
+        ScalingLaw.load("muon", path)
 
 
 def test_the_context_term_is_a_windows_mean_excess_loss_against_the_laws_context():
@@ -99,14 +115,15 @@ def test_the_position_fit_recovers_a_curve_it_was_given():
         fit_positions([3.8 - 0.5 * x ** -0.7 for x in t])  # context that hurts: no term
 
 
-def test_the_shipped_context_term_is_the_fit_of_the_losses_it_records():
-    shipped = json.loads((Path(sizing.__file__).with_name("scaling.json")).read_text())
-    law, record = ScalingLaw.load(), shipped["positions"]
+def test_the_shipped_context_term_is_the_fit_of_the_losses_it_records_in_every_law():
+    record = SHIPPED["positions"]
     c, gamma, l_inf, _ = fit_positions(record["losses"])
-    assert (law.position_scale, law.position_exponent) == (pytest.approx(c, rel=1e-4), gamma)
-    assert law.context == 256 == record["context_measured"] == len(record["losses"])
-    assert all(p["tokens_per_step"] // p["batch_size"] == law.context for p in shipped["points"])
-    assert 0 < law.context_loss(128) < 0.1 and -0.1 < law.context_loss(512) < 0
+    for optimizer in OPTIMIZERS:
+        law = ScalingLaw.load(optimizer)
+        assert (law.position_scale, law.position_exponent) == (pytest.approx(c, rel=1e-4), gamma)
+        assert law.context == 256 == record["context_measured"] == len(record["losses"])
+        assert all(p["tokens_per_step"] // p["batch_size"] == law.context for p in SHIPPED["laws"][optimizer]["points"])
+        assert 0 < law.context_loss(128) < 0.1 and -0.1 < law.context_loss(512) < 0
 
 
 def test_a_size_decides_the_shape_and_refuses_one_set_beside_it():

@@ -31,6 +31,9 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+OPTIMIZERS = ("adamw", "muon")  # train.optimizer: each has its scaling law in scaling.json (sizing.py)
+
+
 @dataclass
 class ModelConfig:
     size: str = ""  # "auto": width, depth and pretraining batch (train.batch_size or its half or quarter) chosen for the time budget on this machine (sizing.py); a ladder name ("xs", "s", "m", "l", "xl", "xxl"); "" = the shape fields below
@@ -306,7 +309,7 @@ class Config:
             raise ConfigError(f"train.attention must be 'auto', 'sdpa' or 'chunked', not {self.train.attention!r}")
         if self.train.compile not in ("auto", "true", "false"):
             raise ConfigError(f"train.compile must be 'auto', 'true' or 'false', not {self.train.compile!r}")
-        if self.train.optimizer not in ("adamw", "muon"):
+        if self.train.optimizer not in OPTIMIZERS:
             raise ConfigError(f"train.optimizer must be 'adamw' or 'muon', not {self.train.optimizer!r}")
         if self.train.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"train.schedule must be 'cosine' or 'wsd', not {self.train.schedule!r}")

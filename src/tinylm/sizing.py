@@ -5,7 +5,8 @@ best is in between, and where depends on how fast this machine trains each size.
 pretraining starts, `choose_size` times one training step of each candidate of `LADDER` (smallest
 first) on this machine, turns the step time into the tokens the budget allows (with the compile
 speed-up where `train.compile` would compile), and predicts each candidate's loss from a scaling
-law fitted to runs on a 2-core CPU (`scaling.json`, written by `benchmarks/scaling.py`):
+law fitted to runs on a 2-core CPU (`scaling.json`, written by `benchmarks/scaling.py`), one law for
+each `train.optimizer`, since the optimizer moves the best size (Muon gains more from parameters):
 
     L(N, D, b) = E + A / N**alpha + B / D'**beta        (Hoffmann et al. 2022, "Chinchilla", approach 3)
 
@@ -157,9 +158,15 @@ class ScalingLaw:
         return self.noise_scale / max(loss, 1e-3) ** self.noise_exponent
 
     @classmethod
-    def load(cls, path: Path | None = None) -> "ScalingLaw":
-        data = json.loads((path or Path(__file__).with_name("scaling.json")).read_text(encoding="utf-8"))
-        return cls(**data["law"])
+    def load(cls, optimizer: str, path: Path | None = None) -> "ScalingLaw":
+        """The law fitted to runs trained with `optimizer` ("adamw", "muon") in `path` (the shipped
+        scaling.json if None). ValueError naming the file if it holds no law for that optimizer."""
+        path = path or Path(__file__).with_name("scaling.json")
+        laws = json.loads(path.read_text(encoding="utf-8"))["laws"]
+        if optimizer not in laws:
+            raise ValueError(f"{path} holds scaling laws for {', '.join(sorted(laws))}, not for train.optimizer="
+                             f"{optimizer!r}: measure one with benchmarks/scaling.py")
+        return cls(**laws[optimizer]["law"])
 
 
 def effective_tokens(tokens: float, unique_tokens: float | None) -> float:
@@ -313,7 +320,7 @@ def choose_size(model_cfg: ModelConfig, tc: TrainConfig, rt, seq_len: int, budge
     """
     from .model import Transformer
 
-    law = law or ScalingLaw.load()
+    law = law or ScalingLaw.load(tc.optimizer)
     best: Candidate | None = None
     t_start = time.perf_counter()
     for name in LADDER:
