@@ -320,7 +320,10 @@ def choose_size(model_cfg: ModelConfig, tc: TrainConfig, rt, seq_len: int, budge
     """
     from .model import Transformer
 
-    law = law or ScalingLaw.load(tc.optimizer)
+    if law is None:
+        law = ScalingLaw.load(tc.optimizer)
+        say(f"size (auto): predicting with the scaling law of {tc.optimizer} runs (scaling.json, RMS error "
+            f"{law.error:.3f} nats)")
     best: Candidate | None = None
     t_start = time.perf_counter()
     for name in LADDER:
