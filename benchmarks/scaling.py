@@ -1,11 +1,11 @@
 """Measure the scaling table behind `model.size = "auto"` and fit the laws it predicts with.
 
-    python benchmarks/scaling.py --shards runs/default/shards --grid s:600 xs:600 m:600 s:300 xs:300 m:300 \
+    python benchmarks/scaling.py --shards runs/default/shards --grid s:600 xs:600 m:600 s:300 xs:300 m:300 \\
         --points benchmarks/data/muon-points-epyc-2026-12-01.json --work /tmp/scaling --write src/tinylm/scaling.json
 
 measured the shipped Muon law (`cpu-demo`'s pretraining: Muon at lr 2e-3, batch 16), and
 
-    python benchmarks/scaling.py --shards runs/default/shards --set train.optimizer=adamw train.lr=1e-3 \
+    python benchmarks/scaling.py --shards runs/default/shards --set train.optimizer=adamw train.lr=1e-3 \\
         --grid xs:120 s:120 m:120 l:120 s:400 l:400 s:600 m:600 --work /tmp/scaling --write src/tinylm/scaling.json
 
 the AdamW one. Each grid entry `SIZE:SECONDS[:BATCH]` pretrains ladder size SIZE (sizing.LADDER) on
@@ -178,6 +178,7 @@ def main() -> None:
     if args.write:
         write_laws(args.write, {optimizer: {"law": law.__dict__, "rms_error": round(rms, 5), "points": points,
                                               "left_out": short, "torch": torch.__version__, **stamp}}, positions)
+
 
 if __name__ == "__main__":
     main()
