@@ -147,7 +147,9 @@ def test_validations_count_against_the_time_limit(prepared, tmp_path):
     assert all("val_loss" in r for r in records if "loss" in r) and summary["steps"] == len(elapsed) >= 2
     lap = max(b - a for a, b in zip([0.0, *elapsed], elapsed))  # the longest step with its validation
     assert summary["elapsed"] <= max_time + lap + 0.1  # within a lap of its limit (+ the final save, rounding) ...
-    assert wall <= max_time + lap + 2.5  # ... its setup on top (model, data; a process's first measures the CPU)
+    # ... its setup on top (model, data; a process's first measures the CPU): a bound of 2.5 s failed once on a
+    # busy machine; validations counted apart would add ~9 s, so 5 s still tells them
+    assert wall <= max_time + lap + 5.0
 
 
 def test_a_resumed_stage_keeps_the_max_time_it_was_trained_with(prepared, tmp_path):
