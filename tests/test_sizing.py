@@ -175,6 +175,21 @@ def test_the_choice_is_the_lowest_predicted_loss_and_the_search_stops_past_it(mo
     assert len(timed) == order.index(best) + 2  # one past the best was timed, none after it
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_without_a_law_given_the_choice_predicts_with_the_law_of_the_optimizer_it_trains_with(monkeypatch, optimizer):
+    from tinylm.train import setup_runtime
+
+    model_cfg = ModelConfig(size="auto", max_seq_len=64, vocab_size=512)
+    tc = load_config("tiny", {"train.compile": "false", "train.max_steps": 0, "train.max_time": 60,
+                              "train.optimizer": optimizer}).train
+    _fake_pace(monkeypatch, 0.02)
+    said = []
+    chosen = choose_size(model_cfg, tc, setup_runtime(tc), 64, 60.0, 10**9, tc.batch_size * 64, None, say=said.append)
+    law = ScalingLaw.load(optimizer)
+    assert chosen.loss == pytest.approx(law.loss(chosen.params, chosen.tokens, 10**9, None, 64))
+    assert any(f"scaling law of {optimizer} runs" in line for line in said)
+
+
 def test_with_a_noise_scale_the_batch_is_chosen_too_between_steps_learning_more_and_running_slower(monkeypatch):
     from tinylm.train import setup_runtime
 
