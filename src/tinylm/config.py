@@ -310,7 +310,8 @@ class Config:
         if self.train.compile not in ("auto", "true", "false"):
             raise ConfigError(f"train.compile must be 'auto', 'true' or 'false', not {self.train.compile!r}")
         if self.train.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"train.optimizer must be 'adamw' or 'muon', not {self.train.optimizer!r}")
+            choices = " or ".join(repr(name) for name in OPTIMIZERS)
+            raise ConfigError(f"train.optimizer must be {choices}, not {self.train.optimizer!r}")
         if self.train.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"train.schedule must be 'cosine' or 'wsd', not {self.train.schedule!r}")
         for name in ("warmup_fraction", "decay_fraction"):
