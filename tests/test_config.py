@@ -74,6 +74,15 @@ def test_config_help_lists_every_field_under_its_real_flag():
         load_config("tiny", [f"{flag}={getattr(getattr(Config(), section), name) if not isinstance(getattr(getattr(Config(), section), name), list) else ''}"])
 
 
+def test_fine_tuning_takes_train_lr_for_the_embedding_unless_its_table_sets_one():
+    cfg = load_config("tiny", ["train.embedding_lr=6e-3"])
+    assert cfg.stage_train("pretrain").embedding_lr == 6e-3
+    assert cfg.stage_train("sft").embedding_lr == 0.0 and cfg.stage_train("dpo").embedding_lr == 0.0
+    assert load_config("tiny", ["sft.train.embedding_lr=1e-4"]).stage_train("sft").embedding_lr == 1e-4
+    with pytest.raises(ConfigError, match="train.embedding_lr is a learning rate"):
+        load_config("tiny", ["train.embedding_lr=-1"])
+
+
 def test_sft_trains_with_train_settings_under_its_own_table(tmp_path):
     cfg = load_config("tiny", ["train.lr=2e-3", "train.grad_clip=0.5", "sft.train.lr=1e-5"])
     pre, sft = cfg.stage_train("pretrain"), cfg.stage_train("sft")

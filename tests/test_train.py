@@ -278,6 +278,29 @@ def test_muon_trains_the_hidden_matrices_and_resumes_exactly(prepared, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_embedding_lr_scales_the_embeddings_step_and_nothing_else(prepared, tmp_path, optimizer):
+    """One step from the same weights on the same batch: AdamW's first update and decoupled decay are
+    both proportional to the rate, so at embedding_lr = 2 and 3 times train.lr the embedding (tied
+    head) moves 2 and 3 times as far as at train.lr, and every other weight moves the same."""
+    lr = 1e-3
+    moved = {}
+    for scale in (0, 1, 2, 3):  # 0: no step (max_steps=0 is no limit, so lr=0 stands for the start)
+        cfg = _cfg(prepared, **{"train.optimizer": optimizer, "train.max_steps": 1, "train.eval_every": 0,
+                                "train.lr": lr if scale else 1e-30, "train.embedding_lr": scale * lr})
+        pretrain(cfg, prepared["shards"], tmp_path / str(scale))
+        moved[scale] = _weights(tmp_path / str(scale) / "checkpoints/step-0000001")
+    start = moved.pop(0)
+    delta = {s: {k: w[k] - start[k] for k in w} for s, w in moved.items()}
+    emb = "output.weight"  # the tied embedding is saved once, under the head's name
+    assert delta[1][emb].abs().max() > 0
+    for s in (2, 3):
+        torch.testing.assert_close(delta[s][emb], s * delta[1][emb], rtol=1e-3, atol=1e-7)
+        for k in delta[1]:
+            if k != emb:
+                torch.testing.assert_close(delta[s][k], delta[1][k], rtol=1e-3, atol=1e-7)
+
+
 def test_time_limit_stops_training(prepared, tmp_path):
     cfg = _cfg(prepared, **{"train.max_steps": 0, "train.max_time": 1.5, "train.save_every": 0})
     summary = pretrain(cfg, prepared["shards"], tmp_path)

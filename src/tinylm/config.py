@@ -159,6 +159,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     optimizer: str = "adamw"  # "adamw", or "muon" (Muon for the hidden weight matrices, AdamW for embeddings, head and norms)
     lr: float = 1e-3  # peak learning rate (Muon's is scaled to match AdamW's update size: the same value serves both)
+    embedding_lr: float = 0.0  # peak learning rate of the token embedding (and of the output head when tied), on the same schedule; 0 = train.lr
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
     schedule: str = "cosine"  # after warm-up: "cosine" decay to min_lr_ratio, or "wsd" (warmup-stable-decay: the peak held, then a linear decay over the last decay_fraction)
     decay_fraction: float = 0.3  # "wsd": the share of the run spent decaying
@@ -186,7 +187,7 @@ class TrainConfig:
 
 # The [train] settings that fine-tuning changes, and to what, unless a preset's [sft.train] table or an
 # override says otherwise. `compile` is off: SFT batches vary in width, so it would compile several times.
-SFT_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 5e-4, "warmup_steps": 20, "batch_size": 16, "max_steps": 0,
+SFT_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 5e-4, "embedding_lr": 0.0, "warmup_steps": 20, "batch_size": 16, "max_steps": 0,
                                       "max_epochs": 1.0, "max_tokens": 0, "max_time": 0.0, "eval_every": 100,
                                       "compile": "false"}
 
@@ -200,7 +201,7 @@ class SFTConfig:
 
 
 # The [train] settings that preference alignment changes, as SFT_TRAIN_DEFAULTS does for fine-tuning.
-DPO_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "warmup_steps": 10, "batch_size": 8, "max_steps": 200,
+DPO_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "embedding_lr": 0.0, "warmup_steps": 10, "batch_size": 8, "max_steps": 200,
                                       "max_epochs": 0.0, "max_tokens": 0, "max_time": 0.0, "eval_every": 50,
                                       "compile": "false"}
 
@@ -317,6 +318,8 @@ class Config:
         for name in ("warmup_fraction", "decay_fraction"):
             if not 0.0 <= getattr(self.train, name) <= 1.0:
                 raise ConfigError(f"train.{name} is a share of the run, between 0 and 1, not {getattr(self.train, name)}")
+        if not 0.0 <= self.train.embedding_lr < math.inf:
+            raise ConfigError(f"train.embedding_lr is a learning rate, >= 0 (0 = train.lr), not {self.train.embedding_lr}")
         if not 0.0 <= self.train.dropout_from_epoch < math.inf:
             raise ConfigError(f"train.dropout_from_epoch is a pass over the training tokens, >= 0, not {self.train.dropout_from_epoch}")
         if self.train.parallel not in ("ddp", "fsdp"):

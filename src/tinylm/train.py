@@ -104,15 +104,21 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.devic
     """AdamW with weight decay on matrices (embeddings, projections), not on norms; or, with
     `train.optimizer = "muon"`, torch's Muon (Jordan et al. 2024) for the hidden 2-D weights of the
     blocks, its step scaled to AdamW's RMS (`match_rms_adamw`, Liu et al. 2025, "Muon is Scalable")
-    so that one learning rate serves both, and AdamW for embeddings, head and norms.
+    so that one learning rate serves both, and AdamW for embeddings, head and norms. The token
+    embedding (with the head when tied) has a group of its own, marked `"embedding": True`, whose
+    rate the training loop sets to `train.embedding_lr` on the same schedule.
     """
     fused = device.type in ("cuda", "cpu") and not sharded  # one kernel per tensor group: 26M params on CPU 21 ms vs 84 ms foreach
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = {n for n, p in named if tc.optimizer == "muon" and p.dim() == 2 and ".layers." in f".{n}"}
-    adamw = torch.optim.AdamW([
-        {"params": [p for n, p in named if p.dim() >= 2 and n not in hidden], "weight_decay": tc.weight_decay},
+    embedding = {n for n, p in named if n.endswith("tok_embeddings.weight")}  # the head too when tied (one tensor)
+    groups = [
+        {"params": [p for n, p in named if n in embedding], "weight_decay": tc.weight_decay, "embedding": True},
+        {"params": [p for n, p in named if p.dim() >= 2 and n not in hidden | embedding], "weight_decay": tc.weight_decay},
         {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0},
-    ], lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused, foreach=not fused)
+    ]
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                              fused=fused, foreach=not fused)
     if not hidden:
         return adamw
     native_bf16 = pick_dtype("auto", device) == torch.bfloat16  # where bf16 products are not emulated
@@ -423,6 +429,7 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
         raise ConfigError("train.optimizer = 'muon' works in one process or with DDP, not with FSDP (its "
                           "orthogonalisation needs whole matrices): use train.optimizer = 'adamw' or train.parallel = 'ddp'")
     optimizer = build_optimizer(model, tc, rt.device, sharded=is_sharded(rt, tc))
+    embedding_scale = tc.embedding_lr / tc.lr if tc.embedding_lr and tc.lr else 1.0  # the schedule scales both alike
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     progress = Progress()
 
@@ -483,7 +490,7 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
             t0 = time.perf_counter()
             lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc, pace.expected_steps(progress, total_steps))
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * (embedding_scale if group.get("embedding") else 1.0)
             dropout_on = train_batches.progress >= tc.dropout_from_epoch
             if model.set_dropout(dropout_on) and dropout_on and progress.step and rt.is_main:
                 log.line(f"dropout: on from step {progress.step + 1:,} (epoch {train_batches.progress:.2f}; "
