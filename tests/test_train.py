@@ -285,7 +285,7 @@ def test_embedding_lr_scales_the_embeddings_step_and_nothing_else(prepared, tmp_
     head) moves 2 and 3 times as far as at train.lr, and every other weight moves the same."""
     lr = 1e-3
     moved = {}
-    for scale in (0, 1, 2, 3):  # 0: no step (max_steps=0 is no limit, so lr=0 stands for the start)
+    for scale in (0, 1, 2, 3):  # 0: a step at a rate of 1e-30 leaves the start (max_steps=0 would mean no limit)
         cfg = _cfg(prepared, **{"train.optimizer": optimizer, "train.max_steps": 1, "train.eval_every": 0,
                                 "train.lr": lr if scale else 1e-30, "train.embedding_lr": scale * lr})
         pretrain(cfg, prepared["shards"], tmp_path / str(scale))
@@ -299,6 +299,52 @@ def test_embedding_lr_scales_the_embeddings_step_and_nothing_else(prepared, tmp_
         for k in delta[1]:
             if k != emb:
                 torch.testing.assert_close(delta[s][k], delta[1][k], rtol=1e-3, atol=1e-7)
+
+
+def _rewrite_trainer_state(ckpt, edit) -> None:
+    """Edit a checkpoint's optimizer state as an older tinylm would have written it, and re-sign it."""
+    from tinylm.files import MARKER, sha256_file
+
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    edit(state["optimizer"])
+    torch.save(state, ckpt / "trainer_state.pt")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"]["trainer_state.pt"] = sha256_file(ckpt / "trainer_state.pt")
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    marker = json.loads((ckpt / MARKER).read_text())  # the sizes that make the checkpoint complete
+    marker["files"] = {name: (ckpt / name).stat().st_size for name in marker["files"]}
+    (ckpt / MARKER).write_text(json.dumps(marker))
+
+
+def test_resuming_a_checkpoint_of_the_older_grouping_keeps_the_embedding_rate_or_names_the_misfit(prepared, tmp_path):
+    """Loading an optimizer state takes the saved groups' keys; a checkpoint written before the
+    embedding had a group of its own lacks its mark. Muon's groups fit (the tied embedding was the
+    only other matrix): the resumed run must still give it embedding_lr. AdamW's do not: refused by name."""
+    cfg = _cfg(prepared, **{"train.optimizer": "muon", "train.lr": 1e-3, "train.embedding_lr": 3e-3, "train.max_steps": 4,
+                            "train.save_every": 2, "train.keep_last": 5, "train.eval_every": 0})
+    straight = pretrain(cfg, prepared["shards"], tmp_path / "straight")
+    old = tmp_path / "resumed" / "checkpoints" / "step-0000002"
+    shutil.copytree(tmp_path / "straight/checkpoints/step-0000002", old)
+    marks = []
+    _rewrite_trainer_state(old, lambda s: marks.extend(g.pop("embedding", False) for g in s["optimizers"][0]["param_groups"]))
+    assert marks == [True, False]  # the embedding and the norms: the only other matrix is Muon's
+    pretrain(cfg, prepared["shards"], tmp_path / "resumed")
+    a, b = _weights(Path(straight["checkpoint"])), _weights(old.parent / "step-0000004")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    cfg = _cfg(prepared, **{"train.max_steps": 4, "train.save_every": 2, "train.keep_last": 5, "train.eval_every": 0})
+    pretrain(cfg, prepared["shards"], tmp_path / "adamw")
+    ckpt = tmp_path / "adamw-resumed" / "checkpoints" / "step-0000002"
+    shutil.copytree(tmp_path / "adamw/checkpoints/step-0000002", ckpt)
+
+    def older_grouping(optimizer):  # the embedding among the other matrices: two groups
+        embedding, matrices, norms = optimizer["param_groups"]
+        matrices["params"] = embedding["params"] + matrices["params"]
+        optimizer["param_groups"] = [matrices, norms]
+
+    _rewrite_trainer_state(ckpt, older_grouping)
+    with pytest.raises(CheckpointError, match="does not fit this run's parameter groups"):
+        pretrain(cfg, prepared["shards"], tmp_path / "adamw-resumed")
 
 
 def test_time_limit_stops_training(prepared, tmp_path):

@@ -437,7 +437,10 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
         remove_partial(out_dir)  # a save cut short by a kill
     resume_from = latest_checkpoint(out_dir) if tc.resume else None
     if resume_from is not None:
+        embedding_marks = [group.get("embedding", False) for group in optimizer.param_groups]
         progress = _restore(resume_from, model, optimizer, scaler, train_batches, rt, tc, tokenizer_dir)
+        for group, mark in zip(optimizer.param_groups, embedding_marks):  # loading takes the saved groups' keys,
+            group["embedding"] = mark                                     # which older checkpoints lack
     wrapped = wrap(model, rt, tc, bool(compiled))
 
     tokens_per_step = train_batches.windows_per_step * train_batches.seq_len * tc.grad_accum  # at most (SFT pads less)
@@ -726,7 +729,12 @@ def _restore(ckpt: Path, model, optimizer, scaler, train_batches, rt: Runtime, t
     if saved_tok.fingerprint != Tokenizer.load(tokenizer_dir).fingerprint:
         raise CheckpointError(f"cannot resume from {ckpt}: it was trained with another tokenizer than {tokenizer_dir}")
     state = load_trainer_state(ckpt)
-    load_full_state(model, optimizer, saved.state_dict(), state["optimizer"], rt, tc)
+    try:
+        load_full_state(model, optimizer, saved.state_dict(), state["optimizer"], rt, tc)
+    except ValueError as e:  # torch: another number or size of parameter groups
+        raise CheckpointError(f"cannot resume from {ckpt}: its optimizer state does not fit this run's parameter "
+                              f"groups ({e}; an older tinylm grouped the embedding with the other matrices); "
+                              "use another --out, or --train.resume=false to start over") from e
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
     if "rng_cuda" in state and rt.device.type == "cuda":
