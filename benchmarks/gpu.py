@@ -270,9 +270,13 @@ def generate_section(rep: Report, device: torch.device, plan: dict) -> None:
         cfg = load_config(preset)
         cfg.model = fixed_shape(cfg.model)
         cfg.model.vocab_size = cfg.tokenizer.vocab_size
+        # where the section's time goes (the H200 run of 2026-12-01 spent 207 s here against ~40 s of
+        # timed decoding): building both models, the fp32 token check, the warm-up, the timed rounds
+        t0 = time.perf_counter()
         torch.manual_seed(0)
         model = Transformer(cfg.model).to(device).eval()
         hf = to_transformers(model)
+        phases = {"build_s": time.perf_counter() - t0}
         # 1. the same greedy tokens as transformers: fp32 (TF32 off), where the two agree to rounding
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -284,19 +288,24 @@ def generate_section(rep: Report, device: torch.device, plan: dict) -> None:
             c = gen_bench.ours(model, prompts, new, cuda_graph=False)[2]
             same[batch] = (torch.equal(a, b), torch.equal(a, c))
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        phases["fp32_check_s"] = time.perf_counter() - t0 - phases["build_s"]
         # 2. speed in the dtype one serves in: bf16 on a GPU (fp32 on a CPU, as tinylm serves there)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model.to(dtype)
         hf.to(dtype)
         for batch in plan["batches"]:
             prompts = torch.randint(8, cfg.model.vocab_size, (batch, prompt), device=device)
+            t1 = time.perf_counter()
             gen_bench.ours(model, prompts[:, :4], 8)  # warm the kernels
             gen_bench.transformers_generate(hf, prompts[:, :4], 8)
+            t2 = time.perf_counter()
             methods = {"tinylm": lambda: gen_bench.ours(model, prompts, new),
                        "tinylm_eager": lambda: gen_bench.ours(model, prompts, new, cuda_graph=False),
                        "recompute": lambda: gen_bench.recompute(model, prompts, new),
                        "transformers": lambda: gen_bench.transformers_generate(hf, prompts, new)}
             rounds = [{name: fn() for name, fn in methods.items()} for _ in range(plan["rounds"])]
+            seconds = {"warmup_s": t2 - t1, "rounds_s": time.perf_counter() - t2,
+                       **(phases if batch == plan["batches"][0] else {})}
             best = {name: min(r[name][1] for r in rounds) for name in methods}
             speed = {name: batch * new / s for name, s in best.items()}
             agree = sum(float((r["tinylm"][2] == r["transformers"][2]).float().mean()) for r in rounds) / len(rounds)
@@ -312,8 +321,9 @@ def generate_section(rep: Report, device: torch.device, plan: dict) -> None:
                       f"{equal_hf} and as the eager decoder {equal_eager}; {agree:.0%} equal in {str(dtype).removeprefix('torch.')}")
             if device.type == "cuda" and batch == 1:
                 figure += f" (target >= {TARGETS['generate_vs_transformers_b1']}x transformers)"
+            figure += "; " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in seconds.items())
             rep.check(f"generate {preset} b{batch}", ok, figure, tok_per_s=speed, vs_transformers=vs_hf,
-                      vs_recompute=vs_re)
+                      vs_recompute=vs_re, phase_s={k: round(v, 2) for k, v in seconds.items()})
         del model, hf
         if device.type == "cuda":
             torch.cuda.empty_cache()
