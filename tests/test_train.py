@@ -576,3 +576,21 @@ def test_a_compile_pause_does_not_cut_a_time_measured_warmup_short():
     assert 650 < expected < 900  # ~205 s left at ~0.28 s/step, not at the compiling step's 8 s
     assert lr_at(5, progress.elapsed / tc.max_time, tc, expected) == pytest.approx(6 / (0.05 * expected), rel=0.01)  # x the cosine, 0.996 here
     assert lr_at(5, progress.elapsed / tc.max_time, tc) == pytest.approx(1.0, abs=0.15)  # by time alone: near the peak
+
+
+def test_a_warmup_share_is_of_the_steps_the_time_limit_allows_when_they_are_fewer_than_planned():
+    """Fine-tuning planned for 2 epochs (2,238 steps) whose 240 s end it after ~400: a 5% warm-up is
+    ~20 steps of those, not 112 (28% of the run, as it was before the pace capped the plan)."""
+    from tinylm.train import Pace, Progress
+
+    tc = TrainConfig(lr=1.0, warmup_fraction=0.05, warmup_steps=0, max_time=240, max_epochs=2)
+    pace = Pace(tc)
+    assert pace.expected_steps(Progress(step=0), 2238) == 2238  # no pace yet: the plan
+    for _ in range(5):
+        pace.update(0.6)
+    progress = Progress(step=5, elapsed=3.0)
+    expected = pace.expected_steps(progress, 2238)
+    assert expected == pytest.approx(5 + 237 / 0.6)
+    assert lr_at(19, progress.elapsed / tc.max_time, tc, expected) == pytest.approx(20 / (0.05 * expected), rel=0.01)
+    assert pace.expected_steps(progress, 100) == 100  # a plan the time allows stays the plan
+    assert Pace(TrainConfig(max_time=0)).expected_steps(progress, 100) == 100

@@ -223,7 +223,9 @@ class Optimizers:
 
 class Pace:
     """The typical step time (a running mean that skips outliers: the compiling step), and from it the
-    steps a time-limited run can expect in all. It times the steps alone, not the validations and saves
+    steps a time-limited run can expect in all: the planned steps or those the time left allows at this
+    pace, whichever are fewer (a fine-tuning planned for 2 epochs whose max_time ends it a fifth of the
+    way warms up over a share of the fifth). It times the steps alone, not the validations and saves
     between them, so that a warm-up in a share of the steps stays a share of the steps."""
 
     def __init__(self, tc: TrainConfig):
@@ -234,11 +236,12 @@ class Pace:
             self.step_s = dt if self.step_s is None else 0.9 * self.step_s + 0.1 * dt
 
     def expected_steps(self, progress: "Progress", total_steps: int | None) -> float | None:
+        by_time = None
+        if self.tc.max_time and self.step_s is not None:
+            by_time = progress.step + max(0.0, self.tc.max_time - progress.elapsed - progress.reserve) / self.step_s
         if total_steps:
-            return float(total_steps)
-        if not self.tc.max_time or self.step_s is None:
-            return None
-        return progress.step + max(0.0, self.tc.max_time - progress.elapsed - progress.reserve) / self.step_s
+            return float(total_steps) if by_time is None else min(float(total_steps), by_time)
+        return by_time
 
 
 # a warm-up floor in steps (warmup_steps beside warmup_fraction) takes at most this share of the run
