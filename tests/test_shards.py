@@ -169,10 +169,39 @@ def test_an_epoch_visits_every_window_once():
     for _ in range(loader.steps_per_epoch):
         x, _ = loader.next_batch()
         starts += x[:, 0].tolist()
-    every = [i * 16 for i in range(999 // 16)] + [1000 + i * 16 for i in range(732 // 16)]  # 107 windows
-    assert len(set(starts)) == len(starts) == 106 and set(starts) <= set(every)  # the odd one waits
+    # each shard keeps 15 tokens spare for the later epochs' shift: (1000 - 16) // 16 + (733 - 16) // 16
+    every = [i * 16 for i in range(61)] + [1000 + i * 16 for i in range(44)]  # 105 windows
+    assert loader.n_windows == 105
+    assert len(set(starts)) == len(starts) == 104 and set(starts) <= set(every)  # the odd one waits
     loader.next_batch()
     assert loader.epoch == 1
+
+
+def test_later_epochs_cut_the_text_at_a_new_offset():
+    """A text seen many times is not cut at the same places each pass: from the second epoch on, every
+    window starts at an offset drawn from (seed, epoch), still seq_len + 1 consecutive tokens of one
+    shard, and the windows of one epoch do not overlap."""
+    text = np.arange(5000, dtype=np.uint16)
+    loader = PackedBatches([text], seq_len=16, batch_size=4, seed=7)
+    assert loader.n_windows == (5000 - 16) // 16
+    offsets = []
+    for epoch in range(6):
+        loader.load_state_dict({"epoch": epoch, "cursor": 0, "n_windows": loader.n_windows})
+        rows = [loader.fetch([i])[0][0].numpy() for i in range(loader.n_windows)]
+        starts = np.array([int(r[0]) for r in rows])
+        assert all(np.array_equal(r, np.arange(s, s + 16)) for r, s in zip(rows, starts))
+        assert (np.diff(starts) == 16).all() and starts[-1] + 17 <= len(text)
+        offsets.append(int(starts[0]))
+    assert offsets[0] == 0 and len(set(offsets[1:])) > 2 and all(0 <= o < 16 for o in offsets)
+
+
+def test_validation_windows_do_not_move():
+    """shuffle=False (validation) keeps the fixed windows of offset 0 and every window a shard holds."""
+    val = PackedBatches(_arrays(), seq_len=16, batch_size=3, seed=0, shuffle=False)
+    assert val.n_windows == 999 // 16 + 732 // 16
+    for _ in range(2 * val.steps_per_epoch + 1):
+        x, _ = val.next_batch()
+        assert all(int(s) % 16 == 0 or (int(s) - 1000) % 16 == 0 for s in x[:, 0])
 
 
 def test_ranks_partition_what_one_process_sees():
@@ -186,7 +215,7 @@ def test_ranks_partition_what_one_process_sees():
 
 def test_loader_resumes_exactly():
     a = PackedBatches(_arrays(), seq_len=16, batch_size=3, seed=5)
-    for _ in range(25):
+    for _ in range(50):  # into the second epoch (35 steps each), whose windows are shifted
         a.next_batch()
     b = PackedBatches(_arrays(), seq_len=16, batch_size=3, seed=5)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))

@@ -69,25 +69,43 @@ class EpochBatches:
 
 
 class PackedBatches(EpochBatches):
-    """Non-overlapping windows of seq_len + 1 tokens over memory-mapped shards (pretraining)."""
+    """Windows of seq_len + 1 tokens over memory-mapped shards (pretraining), non-overlapping within
+    an epoch.
+
+    With `shuffle` (training), each epoch after the first cuts its windows at a fresh offset in
+    [0, seq_len), drawn from (seed, epoch): a text seen many times is not cut at the same places
+    every pass, so no token is always the first of a window (with no context) and the model does not
+    see the same (context, target) pairs again. Each shard keeps seq_len - 1 tokens spare for that
+    (one window fewer), so every epoch has the same number of windows.
+    """
 
     def __init__(self, arrays: list[np.ndarray], seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world: int = 1, shuffle: bool = True):
         self.arrays, self.seq_len = arrays, seq_len
-        counts = np.array([max(0, (len(a) - 1) // seq_len) for a in arrays], dtype=np.int64)
+        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+        counts = np.maximum(0, (lengths - 1) // seq_len)
+        if shuffle:  # room to shift, where a shard has more than one window
+            counts = np.where(counts >= 2, (lengths - seq_len) // seq_len, counts)
+        self.slack = np.maximum(0, lengths - 1 - counts * seq_len)  # the most a shard's windows can shift
         self.offsets = np.concatenate([[0], np.cumsum(counts)])  # window index -> shard via searchsorted
         n_windows = int(self.offsets[-1])
         if n_windows < world * batch_size:
-            total = sum(len(a) for a in arrays)
+            total = int(lengths.sum())
             raise ValueError(
                 f"{total} tokens give {n_windows} windows of {seq_len + 1} tokens; one step needs "
                 f"{world * batch_size} (batch {batch_size} x {world} ranks): use more data, a shorter "
                 f"model.max_seq_len or a smaller train.batch_size")
         super().__init__(n_windows, batch_size, seed, rank, world, shuffle)
 
+    def _make_order(self) -> np.ndarray:
+        self.shift = 0
+        if self.shuffle and self.epoch > 0:
+            self.shift = int(np.random.default_rng([self.seed, self.epoch, 1]).integers(self.seq_len))
+        return super()._make_order()
+
     def _window(self, index: int) -> np.ndarray:
         shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        start = (index - int(self.offsets[shard])) * self.seq_len
+        start = min(self.shift, int(self.slack[shard])) + (index - int(self.offsets[shard])) * self.seq_len
         return self.arrays[shard][start:start + self.seq_len + 1]
 
     def fetch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
