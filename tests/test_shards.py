@@ -223,6 +223,12 @@ def test_loader_resumes_exactly():
         assert np.array_equal(a.next_batch()[0].numpy(), b.next_batch()[0].numpy())
 
 
+def test_a_checkpoint_of_other_windows_is_refused_by_name():
+    state = PackedBatches(_arrays(), seq_len=16, batch_size=3, seed=5).state_dict()
+    with pytest.raises(ValueError, match="105 then, 93 now"):
+        PackedBatches(_arrays(), seq_len=18, batch_size=3, seed=5).load_state_dict(state)
+
+
 def test_too_little_data_is_explained():
     with pytest.raises(ValueError, match="one step needs 8"):
         PackedBatches([np.arange(50, dtype=np.uint16)], seq_len=16, batch_size=8)

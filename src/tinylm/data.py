@@ -62,8 +62,10 @@ class EpochBatches:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("n_windows") != self.n_windows:
-            raise ValueError(f"data changed since the checkpoint: {state.get('n_windows')} items then, "
-                             f"{self.n_windows} now")
+            raise ValueError(f"the training items changed since the checkpoint: {state.get('n_windows')} then, "
+                             f"{self.n_windows} now (other data or context length; a "
+                             f"pretraining checkpoint older than the per-epoch window shift of 2026-12-02 "
+                             f"counts one more per shard)")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._make_order()
 
