@@ -19,6 +19,8 @@ class EpochBatches:
     The ragged tail of an epoch waits for the next one. Subclasses turn item indices into tensors.
     """
 
+    changed_because = "other data or context length"  # what a refused resume names as the likely cause
+
     def __init__(self, n_items: int, batch_size: int, seed: int, rank: int, world: int, shuffle: bool):
         self.n_windows, self.batch_size = n_items, batch_size
         self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
@@ -63,9 +65,7 @@ class EpochBatches:
     def load_state_dict(self, state: dict) -> None:
         if state.get("n_windows") != self.n_windows:
             raise ValueError(f"the training items changed since the checkpoint: {state.get('n_windows')} then, "
-                             f"{self.n_windows} now (other data or context length; a "
-                             f"pretraining checkpoint older than the per-epoch window shift of 2026-12-02 "
-                             f"counts one more per shard)")
+                             f"{self.n_windows} now ({self.changed_because})")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._make_order()
 
@@ -80,6 +80,9 @@ class PackedBatches(EpochBatches):
     see the same (context, target) pairs again. Each shard keeps seq_len - 1 tokens spare for that
     (one window fewer), so every epoch has the same number of windows.
     """
+
+    changed_because = ("other data or context length; or a checkpoint from before the per-epoch shift, "
+                       "which counted one window more per shard")
 
     def __init__(self, arrays: list[np.ndarray], seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world: int = 1, shuffle: bool = True):
