@@ -10,10 +10,10 @@ from tinylm.model import Transformer
 from test_model import explicit_attention
 
 
-def _inputs(heads, kv_heads, T, dtype, B=2, D=16, seed=0):
+def _inputs(heads, kv_heads, T, dtype, B=2, D=16, seed=0, sharpness=2.0):
     g = torch.Generator().manual_seed(seed)
     q, k, v, d_out = (torch.randn(B, h, T, D, generator=g, dtype=torch.float64) * s
-                      for h, s in ((heads, 2.0), (kv_heads, 2.0), (kv_heads, 1.0), (heads, 1.0)))
+                      for h, s in ((heads, sharpness), (kv_heads, sharpness), (kv_heads, 1.0), (heads, 1.0)))
     return [t.to(dtype) for t in (q, k, v)], d_out.to(dtype)
 
 
@@ -32,8 +32,9 @@ def test_chunked_attention_and_its_gradients_equal_the_textbook_formula(heads, k
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-9), name
 
 
-def test_chunked_attention_in_bf16_is_as_accurate_as_sdpa():
-    qkv64, d_out64 = _inputs(8, 2, 2 * CHUNK, torch.float64, B=2, D=64)
+@pytest.mark.parametrize("sharpness", [2.0, 6.0])  # 6: scores of std 36, most rows near one-hot (late in training)
+def test_chunked_attention_in_bf16_is_as_accurate_as_sdpa(sharpness):
+    qkv64, d_out64 = _inputs(8, 2, 2 * CHUNK, torch.float64, B=2, D=64, sharpness=sharpness)
     exact = _output_and_grads(explicit_attention, qkv64, d_out64)
     qkv, d_out = [t.bfloat16() for t in qkv64], d_out64.bfloat16()
     ours = _output_and_grads(chunked_causal_attention, qkv, d_out)
