@@ -408,9 +408,18 @@ def test_validation_runs_the_plain_module_not_the_compiled_step(prepared, tmp_pa
             return self.inner(*args, **kwargs)
 
     wrappers, validated = [], []
-    monkeypatch.setattr(torch, "compile", lambda model: wrappers.append(Compiled(model)) or wrappers[-1])
     real_evaluate = train_module.evaluate
-    monkeypatch.setattr(train_module, "evaluate", lambda model, *a, **k: validated.append(model) or real_evaluate(model, *a, **k))
+
+    def fake_compile(model):
+        wrappers.append(Compiled(model))
+        return wrappers[-1]
+
+    def recording_evaluate(model, *args, **kwargs):
+        validated.append(model)
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(train_module, "evaluate", recording_evaluate)
     cfg = _cfg(prepared, **{"train.max_steps": 3, "train.eval_every": 1, "train.compile": True, "train.save_every": 0})
     pretrain(cfg, prepared["shards"], tmp_path)
     assert len(wrappers) == 1 and wrappers[0].calls == 3  # the steps ran through the compiled module
