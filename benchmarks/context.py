@@ -1,0 +1,87 @@
+"""How much of its context a trained model uses: held-out loss by position, and in-context copying.
+
+    python benchmarks/context.py RUN/pretrain --shards RUN/shards
+
+Three measurements on a checkpoint, each in nats per token:
+1. the held-out split cut into windows of the model's context, the loss by position in the window:
+   a model that draws on a longer context predicts later positions better;
+2. spans of random tokens, and spans of held-out text, each repeated: a model that copies from its
+   context (an "induction head", Olsson et al. 2022, "In-context learning and induction heads")
+   predicts the second copy far better than the first;
+3. the held-out tokens whose preceding k tokens already occurred earlier in the window: the share
+   that an exact copying rule (A B ... A -> B) would have predicted, and the model's loss on them.
+   This is what copying could gain on the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from tinylm.checkpoint import load_checkpoint
+from tinylm.shards import load_split
+
+
+@torch.no_grad()
+def token_losses(model, windows: torch.Tensor) -> torch.Tensor:
+    """windows (N, T + 1) token ids -> (N, T) losses of predicting each next token, nats."""
+    losses = []
+    for rows in windows.split(16):
+        logits, _ = model(rows[:, :-1])
+        losses.append(-torch.log_softmax(logits.float(), -1).gather(-1, rows[:, 1:, None])[..., 0])
+    return torch.cat(losses)
+
+
+def copy_rule(windows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """For (N, T + 1) windows: (seen, right), each (N, T): the k tokens before target t occurred
+    earlier in the window, and one of the tokens that followed them there is the target."""
+    N, T1 = windows.shape
+    seen, right = np.zeros((N, T1 - 1), bool), np.zeros((N, T1 - 1), bool)
+    for w, row in enumerate(windows):
+        followers: dict[tuple, set] = {}
+        for t in range(k - 1, T1 - 1):  # predicting row[t + 1] from row[t - k + 1 : t + 1]
+            key = tuple(row[t - k + 1:t + 1])
+            if key in followers:
+                seen[w, t], right[w, t] = True, row[t + 1] in followers[key]
+            followers.setdefault(key, set()).add(row[t + 1])
+    return seen, right
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="a checkpoint folder, or a run's pretrain folder")
+    ap.add_argument("--shards", required=True, help="the shard folder whose held-out split is measured")
+    ap.add_argument("--span", type=int, default=64, help="tokens in each repeated span")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model, _, _ = load_checkpoint(args.checkpoint)
+    model.eval()
+    T = model.cfg.max_seq_len
+    val = np.concatenate([np.asarray(a, dtype=np.int64) for a in load_split(args.shards, "val")[0]])
+    n = (len(val) - 1) // T
+    windows = np.stack([val[i * T:i * T + T + 1] for i in range(n)])  # (n, T + 1)
+    losses = token_losses(model, torch.from_numpy(windows)).numpy()
+    edges = [0, 8, 32, 64, 128, T]
+    print(f"held-out, {n} windows of {T}: {losses.mean():.3f} nats/token; by position in the window:")
+    print("  " + ", ".join(f"{a}-{b}: {losses[:, a:b].mean():.3f}" for a, b in zip(edges, edges[1:]) if a < b <= T))
+
+    span = min(args.span, (T + 1) // 2)
+    random_spans = rng.integers(8, model.cfg.vocab_size, size=(32, span))
+    text_spans = np.stack([val[s:s + span] for s in rng.integers(0, len(val) - span, size=32)])
+    for name, spans in (("random tokens", random_spans), ("held-out text", text_spans)):
+        l = token_losses(model, torch.from_numpy(np.tile(spans, 2))).numpy()
+        print(f"{name}, {span}-token spans repeated: first copy {l[:, :span - 1].mean():.3f}, "
+              f"second copy {l[:, span:].mean():.3f} nats/token")
+
+    for k in (1, 2, 3):
+        seen, right = copy_rule(windows, k)
+        print(f"the {k} tokens before the target seen earlier in the window: {seen.mean():.1%} of targets; the copying "
+              f"rule right on {right.mean():.1%} (model's loss there {losses[right].mean():.3f}), wrong on "
+              f"{(seen & ~right).mean():.1%} ({losses[seen & ~right].mean():.3f}); never seen {losses[~seen].mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()

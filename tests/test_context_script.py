@@ -1,0 +1,60 @@
+"""benchmarks/context.py's measurements: the copying rule against a plain scan, the losses against the model's own."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tinylm.config import ModelConfig
+from tinylm.model import Transformer
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def context():
+    spec = importlib.util.spec_from_file_location("context_bench", BENCH / "context.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def scan(row: np.ndarray, t: int, k: int) -> tuple[bool, bool]:
+    """Whether row[t-k+1 : t+1] occurred before (ending earlier than t), and was once followed by row[t+1]."""
+    if t < k - 1:
+        return False, False
+    key = list(row[t - k + 1:t + 1])
+    ends = [s for s in range(k - 1, t) if list(row[s - k + 1:s + 1]) == key]
+    return bool(ends), any(row[s + 1] == row[t + 1] for s in ends)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_copy_rule_agrees_with_a_plain_scan(context, k):
+    windows = np.random.default_rng(k).integers(0, 4, size=(5, 41))  # a small vocabulary: many repeats
+    seen, right = context.copy_rule(windows, k)
+    for w, row in enumerate(windows):
+        for t in range(40):
+            assert (seen[w, t], right[w, t]) == scan(row, t, k), (w, t)
+    assert seen.any() and right.any() and (seen & ~right).any()
+
+
+def test_copy_rule_on_a_repeated_span(context):
+    span = np.array([5, 6, 7, 8])
+    seen, right = context.copy_rule(np.concatenate([span, span, [9]])[None], 2)
+    # at t the pair row[t-1 : t+1] predicts row[t+1]; (5, 6) recurs at t = 5 and (6, 7) at 6, followed as before
+    # by 7 and 8; (7, 8) recurs at 7, followed by 9 where it was by 5; (8, 5) at t = 4 is new
+    assert seen[0].tolist() == [False, False, False, False, False, True, True, True]
+    assert right[0].tolist() == [False, False, False, False, False, True, True, False]
+
+
+def test_token_losses_are_the_models_own_next_token_losses(context):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16, vocab_size=50)).eval()
+    windows = torch.randint(0, 50, (20, 17))
+    losses = context.token_losses(model, windows)
+    assert losses.shape == (20, 16)
+    with torch.no_grad():
+        _, loss = model(windows[:, :-1], windows[:, 1:])
+    assert losses.mean().item() == pytest.approx(loss.item(), rel=1e-5)
