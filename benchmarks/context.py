@@ -2,15 +2,18 @@
 
     python benchmarks/context.py RUN/pretrain --shards RUN/shards
 
-Three measurements on a checkpoint, each in nats per token:
+Four measurements on a checkpoint, in nats per token:
 1. the held-out split cut into windows of the model's context, the loss by position in the window:
    a model that draws on a longer context predicts later positions better;
 2. spans of random tokens, and spans of held-out text, each repeated: a model that copies from its
    context (an "induction head", Olsson et al. 2022, "In-context learning and induction heads")
    predicts the second copy far better than the first;
 3. the held-out tokens whose preceding k tokens already occurred earlier in the window: the share
-   that an exact copying rule (A B ... A -> B) would have predicted, and the model's loss on them.
-   This is what copying could gain on the text.
+   that an exact copying rule (A B ... A -> B) would have predicted, and the model's loss on them;
+4. what copying could gain on the text: the held-out loss of the model's distribution mixed with
+   weight lambda into the copying rule's (the tokens that followed the same k tokens earlier in the
+   window, by count), where the rule has any: a cache model in the manner of Grave et al. 2017,
+   "Improving neural language models with a continuous cache", on token n-grams.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from tinylm.shards import load_split
 
 
 @torch.no_grad()
+def log_probs(model, windows: torch.Tensor) -> torch.Tensor:
+    """windows (N, T + 1) token ids -> (N, T, V) the model's log-probabilities of each next token."""
+    return torch.cat([torch.log_softmax(model(rows[:, :-1])[0].float(), -1) for rows in windows.split(16)])
+
+
 def token_losses(model, windows: torch.Tensor) -> torch.Tensor:
     """windows (N, T + 1) token ids -> (N, T) losses of predicting each next token, nats."""
-    losses = []
-    for rows in windows.split(16):
-        logits, _ = model(rows[:, :-1])
-        losses.append(-torch.log_softmax(logits.float(), -1).gather(-1, rows[:, 1:, None])[..., 0])
-    return torch.cat(losses)
+    return -log_probs(model, windows).gather(-1, windows[:, 1:, None])[..., 0]
 
 
 def copy_rule(windows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,6 +53,28 @@ def copy_rule(windows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return seen, right
 
 
+def copy_mixture_loss(log_probs: np.ndarray, windows: np.ndarray, k: int, lam: float) -> float:
+    """Mean loss, nats per token, of (1 - lam) * model + lam * copying rule, where the rule applies.
+
+    log_probs (N, T, V): the model's log-probabilities of the next token; windows (N, T + 1) ids.
+    The rule's distribution at t: the tokens that followed row[t-k+1 : t+1] earlier in the window,
+    in proportion to how often."""
+    N, T, V = log_probs.shape
+    total = 0.0
+    for w, row in enumerate(windows):
+        followers: dict[tuple, list] = {}
+        for t in range(T):
+            p = np.exp(log_probs[w, t, row[t + 1]])
+            key = tuple(row[t - k + 1:t + 1]) if t >= k - 1 else None
+            if key in followers:
+                seen = followers[key]
+                p = (1 - lam) * p + lam * seen.count(row[t + 1]) / len(seen)
+            total -= np.log(p)
+            if key is not None:
+                followers.setdefault(key, []).append(row[t + 1])
+    return total / (N * T)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="a checkpoint folder, or a run's pretrain folder")
@@ -60,10 +86,13 @@ def main() -> None:
     model, _, _ = load_checkpoint(args.checkpoint)
     model.eval()
     T = model.cfg.max_seq_len
-    val = np.concatenate([np.asarray(a, dtype=np.int64) for a in load_split(args.shards, "val")[0]])
+    arrays, info = load_split(args.shards, "val")
+    val = np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays])
+    bytes_per_token = info["bytes"] / info["tokens"]
     n = (len(val) - 1) // T
     windows = np.stack([val[i * T:i * T + T + 1] for i in range(n)])  # (n, T + 1)
-    losses = token_losses(model, torch.from_numpy(windows)).numpy()
+    lp = log_probs(model, torch.from_numpy(windows))
+    losses = -lp.gather(-1, torch.from_numpy(windows[:, 1:, None]))[..., 0].numpy()
     edges = [0, 8, 32, 64, 128, T]
     print(f"held-out, {n} windows of {T}: {losses.mean():.3f} nats/token; by position in the window:")
     print("  " + ", ".join(f"{a}-{b}: {losses[:, a:b].mean():.3f}" for a, b in zip(edges, edges[1:]) if a < b <= T))
@@ -81,6 +110,13 @@ def main() -> None:
         print(f"the {k} tokens before the target seen earlier in the window: {seen.mean():.1%} of targets; the copying "
               f"rule right on {right.mean():.1%} (model's loss there {losses[right].mean():.3f}), wrong on "
               f"{(seen & ~right).mean():.1%} ({losses[seen & ~right].mean():.3f}); never seen {losses[~seen].mean():.3f}")
+
+    lp = lp.numpy()
+    for lam in (0.1, 0.2, 0.3):
+        mixed = copy_mixture_loss(lp, windows, 2, lam)
+        gain = losses.mean() - mixed
+        print(f"the model mixed with the copying rule on 2 tokens, lambda {lam}: {mixed:.3f} nats/token, "
+              f"{gain:.3f} less = {gain / np.log(2) / bytes_per_token:.3f} bits/byte")
 
 
 if __name__ == "__main__":

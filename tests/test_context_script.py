@@ -58,3 +58,16 @@ def test_token_losses_are_the_models_own_next_token_losses(context):
     with torch.no_grad():
         _, loss = model(windows[:, :-1], windows[:, 1:])
     assert losses.mean().item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_copy_mixture_is_the_model_at_lambda_zero_and_copies_a_repeat(context):
+    V, span, lam = 50, 10, 0.3
+    row = np.concatenate([np.arange(span), np.arange(span), [10]])  # a span read twice, then a new token
+    uniform = np.full((1, len(row) - 1, V), -np.log(V))
+    assert context.copy_mixture_loss(uniform, row[None], 2, 0.0) == pytest.approx(np.log(V))
+    # 20 targets; t = 0..10 have no earlier pair (the first (9, 0) is at t = 10): the model alone; the pairs
+    # (0, 1) .. (7, 8) recur at t = 11..18 and are followed as before; (8, 9) recurs at t = 19, followed by 10, not 0
+    right = -np.log((1 - lam) / V + lam)
+    wrong = -np.log((1 - lam) / V)
+    expected = (11 * np.log(V) + 8 * right + wrong) / 20
+    assert context.copy_mixture_loss(uniform, row[None], 2, lam) == pytest.approx(expected)
