@@ -25,6 +25,7 @@ import torch
 
 from tinylm.checkpoint import load_checkpoint
 from tinylm.shards import load_split
+from tinylm.tokenizer import SPECIAL_TOKENS
 
 
 @torch.no_grad()
@@ -98,7 +99,7 @@ def main() -> None:
     print("  " + ", ".join(f"{a}-{b}: {losses[:, a:b].mean():.3f}" for a, b in zip(edges, edges[1:]) if a < b <= T))
 
     span = min(args.span, (T + 1) // 2)
-    random_spans = rng.integers(8, model.cfg.vocab_size, size=(32, span))
+    random_spans = rng.integers(len(SPECIAL_TOKENS), model.cfg.vocab_size, size=(32, span))  # no special tokens
     text_spans = np.stack([val[s:s + span] for s in rng.integers(0, len(val) - span, size=32)])
     for name, spans in (("random tokens", random_spans), ("held-out text", text_spans)):
         l = token_losses(model, torch.from_numpy(np.tile(spans, 2))).numpy()

@@ -1,24 +1,17 @@
 """benchmarks/context.py's measurements: the copying rule against a plain scan, the losses against the model's own."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import load_benchmark
 
 from tinylm.config import ModelConfig
 from tinylm.model import Transformer
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def context():
-    spec = importlib.util.spec_from_file_location("context_bench", BENCH / "context.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("context")
 
 
 def scan(row: np.ndarray, t: int, k: int) -> tuple[bool, bool]:

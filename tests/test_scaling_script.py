@@ -1,22 +1,16 @@
 """benchmarks/scaling.py's bookkeeping: one law per optimizer in one file, the context term in each."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from tinylm.sizing import ScalingLaw
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def scaling():
-    spec = importlib.util.spec_from_file_location("scaling_bench", BENCH / "scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("scaling")
 
 
 def record(optimizer: str, E: float, context: int = 256) -> dict:
