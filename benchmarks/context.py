@@ -39,18 +39,27 @@ def token_losses(model, windows: torch.Tensor) -> torch.Tensor:
     return -log_probs(model, windows).gather(-1, windows[:, 1:, None])[..., 0]
 
 
+def earlier_followers(row: np.ndarray, k: int):
+    """For each target t of a window row (T + 1 ids), the tokens that followed row[t-k+1 : t+1] earlier
+    in the row, oldest first: yields (t, list), the list empty where those k tokens are new (or t < k - 1)."""
+    followers: dict[tuple, list] = {}
+    for t in range(len(row) - 1):  # predicting row[t + 1] from row[t - k + 1 : t + 1]
+        if t < k - 1:
+            yield t, []
+            continue
+        key = tuple(row[t - k + 1:t + 1])
+        yield t, list(followers.get(key, ()))
+        followers.setdefault(key, []).append(row[t + 1])
+
+
 def copy_rule(windows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """For (N, T + 1) windows: (seen, right), each (N, T): the k tokens before target t occurred
     earlier in the window, and one of the tokens that followed them there is the target."""
     N, T1 = windows.shape
     seen, right = np.zeros((N, T1 - 1), bool), np.zeros((N, T1 - 1), bool)
     for w, row in enumerate(windows):
-        followers: dict[tuple, set] = {}
-        for t in range(k - 1, T1 - 1):  # predicting row[t + 1] from row[t - k + 1 : t + 1]
-            key = tuple(row[t - k + 1:t + 1])
-            if key in followers:
-                seen[w, t], right[w, t] = True, row[t + 1] in followers[key]
-            followers.setdefault(key, set()).add(row[t + 1])
+        for t, before in earlier_followers(row, k):
+            seen[w, t], right[w, t] = bool(before), row[t + 1] in before
     return seen, right
 
 
@@ -60,19 +69,14 @@ def copy_mixture_loss(log_probs: np.ndarray, windows: np.ndarray, k: int, lam: f
     log_probs (N, T, V): the model's log-probabilities of the next token; windows (N, T + 1) ids.
     The rule's distribution at t: the tokens that followed row[t-k+1 : t+1] earlier in the window,
     in proportion to how often."""
-    N, T, V = log_probs.shape
+    N, T, _ = log_probs.shape
     total = 0.0
     for w, row in enumerate(windows):
-        followers: dict[tuple, list] = {}
-        for t in range(T):
+        for t, before in earlier_followers(row, k):
             p = np.exp(log_probs[w, t, row[t + 1]])
-            key = tuple(row[t - k + 1:t + 1]) if t >= k - 1 else None
-            if key in followers:
-                seen = followers[key]
-                p = (1 - lam) * p + lam * seen.count(row[t + 1]) / len(seen)
+            if before:
+                p = (1 - lam) * p + lam * before.count(row[t + 1]) / len(before)
             total -= np.log(p)
-            if key is not None:
-                followers.setdefault(key, []).append(row[t + 1])
     return total / (N * T)
 
 
@@ -93,7 +97,7 @@ def main() -> None:
     n = (len(val) - 1) // T
     windows = np.stack([val[i * T:i * T + T + 1] for i in range(n)])  # (n, T + 1)
     lp = log_probs(model, torch.from_numpy(windows))
-    losses = -lp.gather(-1, torch.from_numpy(windows[:, 1:, None]))[..., 0].numpy()
+    losses = -np.take_along_axis(lp.numpy(), windows[:, 1:, None], -1)[..., 0]  # (n, T), as token_losses
     edges = [0, 8, 32, 64, 128, T]
     print(f"held-out, {n} windows of {T}: {losses.mean():.3f} nats/token; by position in the window:")
     print("  " + ", ".join(f"{a}-{b}: {losses[:, a:b].mean():.3f}" for a, b in zip(edges, edges[1:]) if a < b <= T))
@@ -112,9 +116,8 @@ def main() -> None:
               f"rule right on {right.mean():.1%} (model's loss there {losses[right].mean():.3f}), wrong on "
               f"{(seen & ~right).mean():.1%} ({losses[seen & ~right].mean():.3f}); never seen {losses[~seen].mean():.3f}")
 
-    lp = lp.numpy()
     for lam in (0.1, 0.2, 0.3):
-        mixed = copy_mixture_loss(lp, windows, 2, lam)
+        mixed = copy_mixture_loss(lp.numpy(), windows, 2, lam)
         gain = losses.mean() - mixed
         print(f"the model mixed with the copying rule on 2 tokens, lambda {lam}: {mixed:.3f} nats/token, "
               f"{gain:.3f} less = {gain / np.log(2) / bytes_per_token:.3f} bits/byte")

@@ -64,3 +64,12 @@ def test_copy_mixture_is_the_model_at_lambda_zero_and_copies_a_repeat(context):
     wrong = -np.log((1 - lam) / V)
     expected = (11 * np.log(V) + 8 * right + wrong) / 20
     assert context.copy_mixture_loss(uniform, row[None], 2, lam) == pytest.approx(expected)
+
+
+def test_copy_mixture_weighs_earlier_followers_by_count(context):
+    V, lam = 50, 0.3
+    row = np.array([1, 2, 3, 1, 2, 4, 1, 2, 3])  # (1, 2) is followed by 3, then 4, then 3
+    uniform = np.full((1, len(row) - 1, V), -np.log(V))
+    # 8 targets: (1, 2) recurs at t = 4 (before: [3], target 4) and t = 7 (before: [3, 4], target 3: half the rule's mass)
+    expected = (6 * np.log(V) - np.log((1 - lam) / V) - np.log((1 - lam) / V + lam / 2)) / 8
+    assert context.copy_mixture_loss(uniform, row[None], 2, lam) == pytest.approx(expected)
