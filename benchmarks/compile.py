@@ -24,6 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark train.py: its random batches
+from train import RandomBatches  # noqa: E402
 
 WAYS = ("whole", "blocks")
 
@@ -48,17 +52,12 @@ def stepper(way: str, preset: str, size: str):
         for block in model.layers:
             block.compile()  # in place: the embedding, the final norm and the head stay eager
     wrapped = torch.compile(model) if way == "whole" else model
-    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.max_seq_len + 1))
-
-    class Batches:
-        def next_batch(self):
-            return tokens[:, :-1], tokens[:, 1:]
-
+    batches = RandomBatches(cfg.model.vocab_size, cfg.train.batch_size, cfg.model.max_seq_len)
     step = Stepper(wrapped, model, build_optimizer(model, cfg.train, rt.device),
                    torch.amp.GradScaler(rt.device.type, enabled=False), rt, cfg.train)
     about = (f"{preset}, {size} (dim {cfg.model.dim} x {cfg.model.n_layers} layers), batch {cfg.train.batch_size} x "
              f"{cfg.model.max_seq_len}, {str(rt.dtype).replace('torch.', '')}, torch {torch.__version__}")
-    return lambda: step(Batches()), about
+    return lambda: step(batches), about
 
 
 def timed(fn) -> float:
@@ -100,7 +99,8 @@ def main() -> None:
             fresh = in_fresh_process(way, args, cache)
             compile_s[way] = (fresh["compile_s"], in_fresh_process(way, args, cache)["compile_s"])
             about = fresh["about"]
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "whole", "inductor")  # warm: no compile wait here
+        # one process holds one Inductor cache: the whole model's is warm here, the blocks compile anew
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "whole", "inductor")
         steps = {way: stepper(way, args.preset, args.size)[0] for way in WAYS}
         times = {way: [] for way in WAYS}
         for way in WAYS:
