@@ -32,14 +32,23 @@ def test_chunked_attention_and_its_gradients_equal_the_textbook_formula(heads, k
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-9), name
 
 
+@pytest.mark.parametrize("autocast", [False, True])  # training runs the kernel under bf16 autocast
 @pytest.mark.parametrize("sharpness", [2.0, 6.0])  # 6: scores of std 36, most rows near one-hot (late in training)
-def test_chunked_attention_in_bf16_is_as_accurate_as_sdpa(sharpness):
+def test_chunked_attention_in_bf16_is_as_accurate_as_sdpa(sharpness, autocast):
     qkv64, d_out64 = _inputs(8, 2, 2 * CHUNK, torch.float64, B=2, D=64, sharpness=sharpness)
     exact = _output_and_grads(explicit_attention, qkv64, d_out64)
     qkv, d_out = [t.bfloat16() for t in qkv64], d_out64.bfloat16()
-    ours = _output_and_grads(chunked_causal_attention, qkv, d_out)
-    sdpa = _output_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                             qkv, d_out)
+
+    def under_autocast(fn):
+        def run(*args):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return fn(*args)
+        return run
+
+    ours = _output_and_grads(under_autocast(chunked_causal_attention), qkv, d_out)
+    sdpa = _output_and_grads(
+        under_autocast(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+        qkv, d_out)
     for name, a, b, e in zip(("output", "dq", "dk", "dv"), ours, sdpa, exact):
         ours_error = (a.double() - e).norm() / e.norm()
         sdpa_error = (b.double() - e).norm() / e.norm()

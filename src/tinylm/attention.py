@@ -9,8 +9,8 @@ products with one score block held in memory, which inductor fuses with the elem
 them. The backward recomputes the probabilities from the saved log-sum-exp, as flash attention
 does, and never stores the T x T matrix.
 
-Scores and probabilities are fp32 (bf16 scores double the error of the gradients); the products
-with V, dO, K and Q take the input dtype (bf16 under autocast). Grouped-query attention needs no
+Scores and probabilities are fp32 (bf16 scores double the error of the gradients), under autocast
+too; the products with V, dO, K and Q take the input dtype (bf16 under autocast). Grouped-query attention needs no
 copies: the G query heads of one key/value head are stacked as G * rows of one product.
 """
 
@@ -89,15 +89,22 @@ def _backward(q, k, v, out, lse, d_out):
 
 
 class _ChunkedCausalAttention(torch.autograd.Function):
+    # Autocast is switched off inside: under it (bf16 training) `@` would take the fp32 score products
+    # back to bf16, the forward's log-sum-exp would then disagree with the backward's probabilities by
+    # up to e^(score error), and the gradients of sharp attention came out several times less accurate
+    # than SDPA's (tests/test_attention.py), enough to make training diverge once heads grew sharp.
     @staticmethod
     def forward(ctx, q, k, v):
-        out, lse = _forward(q, k, v)
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = _forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        return _backward(*ctx.saved_tensors, d_out.contiguous())
+        q = ctx.saved_tensors[0]
+        with torch.autocast(q.device.type, enabled=False):
+            return _backward(*ctx.saved_tensors, d_out.contiguous())
 
 
 def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
