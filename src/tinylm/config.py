@@ -170,6 +170,9 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    guided_heads: list[str] = field(default_factory=list)  # heads guided to an attention pattern while training, "PATTERN:LAYER.HEAD": "previous:0.0" (attend to the previous token), "induction:1.0" (to what followed earlier occurrences of the current token); the logged training loss includes the guidance term, validation does not (model.set_guidance)
+    guided_weight: float = 0.1  # weight of the guidance term against the language-model loss
+    guided_mass: float = 0.7  # the share of a guided head's attention asked for on its pattern's keys (a hinge: no pull beyond it)
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
     max_epochs: float = 0.0  # stop after this many passes over the training tokens (0 = no limit)
     max_tokens: int = 0  # stop after this many training tokens (0 = no limit)
@@ -187,7 +190,7 @@ class TrainConfig:
 
 # The [train] settings that fine-tuning changes, and to what, unless a preset's [sft.train] table or an
 # override says otherwise. `compile` is off: SFT batches vary in width, so it would compile several times.
-SFT_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 5e-4, "embedding_lr": 0.0, "warmup_steps": 20, "batch_size": 16, "max_steps": 0,
+SFT_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 5e-4, "embedding_lr": 0.0, "guided_heads": [], "warmup_steps": 20, "batch_size": 16, "max_steps": 0,
                                       "max_epochs": 1.0, "max_tokens": 0, "max_time": 0.0, "eval_every": 100,
                                       "compile": "false"}
 
@@ -201,7 +204,7 @@ class SFTConfig:
 
 
 # The [train] settings that preference alignment changes, as SFT_TRAIN_DEFAULTS does for fine-tuning.
-DPO_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "embedding_lr": 0.0, "warmup_steps": 10, "batch_size": 8, "max_steps": 200,
+DPO_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "embedding_lr": 0.0, "guided_heads": [], "warmup_steps": 10, "batch_size": 8, "max_steps": 200,
                                       "max_epochs": 0.0, "max_tokens": 0, "max_time": 0.0, "eval_every": 50,
                                       "compile": "false"}
 
@@ -322,6 +325,12 @@ class Config:
             raise ConfigError(f"train.embedding_lr is a learning rate, >= 0 (0 = train.lr), not {self.train.embedding_lr}")
         if not 0.0 <= self.train.dropout_from_epoch < math.inf:
             raise ConfigError(f"train.dropout_from_epoch is a pass over the training tokens, >= 0, not {self.train.dropout_from_epoch}")
+        if self.train.guided_weight < 0 or not 0.0 < self.train.guided_mass < 1.0:
+            raise ConfigError(f"train.guided_weight must be >= 0 and train.guided_mass in (0, 1), "
+                              f"not {self.train.guided_weight} and {self.train.guided_mass}")
+        if self.dpo.train.get("guided_heads"):
+            raise ConfigError("dpo.train.guided_heads: guidance adds to the next-token loss of pretraining and SFT; "
+                              "the DPO loss has none")
         if self.train.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', not {self.train.parallel!r}")
         self._validate_lora()

@@ -8,6 +8,7 @@ layout a CPU decodes with is decoding.py's, and which attention kernel training 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -104,6 +105,25 @@ class KVCache:
 
 ATTENTION_KERNELS = ("sdpa", "chunked")
 
+# Attention patterns a head can be guided to while training (Transformer.set_guidance):
+#   previous:  each query attends to the token before it;
+#   induction: each query attends to the positions that follow an earlier occurrence of its own token
+#              (A B ... A -> B), where there is one: the pattern of an induction head (Olsson et al. 2022,
+#              "In-context learning and induction heads"), which copies what came next last time.
+GUIDANCE_PATTERNS = ("previous", "induction")
+
+
+def guidance_keys(pattern: str, idx: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """The keys each query of idx (B, T) should attend to under `pattern` (GUIDANCE_PATTERNS), as a
+    (B, T, T) bool matrix [batch, query, key] within the causal mask (T, T)."""
+    B, T = idx.shape
+    if pattern == "previous":
+        return torch.ones(T, T, dtype=torch.bool, device=idx.device).tril(-1).triu(-1).expand(B, T, T)
+    if pattern == "induction":
+        before = torch.cat([torch.full_like(idx[:, :1], -1), idx[:, :-1]], dim=1)  # the token before each key
+        return (idx[:, :, None] == before[:, None, :]) & causal
+    raise ValueError(f"unknown guidance pattern {pattern!r}; choose from {', '.join(GUIDANCE_PATTERNS)}")
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -114,6 +134,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.attention_dropout
+        self.guided: tuple[int, ...] = ()  # heads whose attention a guidance loss reads (Transformer.set_guidance)
+        self.guided_log_attention: torch.Tensor | None = None  # (B, len(guided), T, T), set by each training forward
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, attn_mask=None,
                 kernel: str = "sdpa"):
@@ -123,7 +145,20 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.guided and self.training and cache is None:
+            self.guided_log_attention = self.log_attention(q, k, self.guided)
         return self.wo(self.attend(q, k, v, cache, layer, attn_mask, kernel))
+
+    def log_attention(self, q: torch.Tensor, k: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
+        """The causal attention's log-probabilities of the given heads, computed apart from the kernel
+        that attends (the same q and k, so the same pattern): q (B, H, T, D), k (B, Hkv, T, D) ->
+        (B, len(heads), T, T), fp32, -inf above the diagonal."""
+        T, D = q.shape[2], q.shape[3]
+        group = self.n_heads // self.n_kv_heads
+        with torch.autocast(q.device.type, enabled=False):  # fp32 scores (autocast would take `@` to bf16)
+            scores = q[:, list(heads)].float() @ k[:, [h // group for h in heads]].float().transpose(-1, -2)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        return torch.log_softmax((scores / math.sqrt(D)).masked_fill(~causal, float("-inf")), dim=-1)
 
     def attend(self, q, k, v, cache: KVCache | None, layer: int, attn_mask, kernel: str = "sdpa") -> torch.Tensor:
         """softmax(q k^T / sqrt(D)) v over the cached and new keys: q (B, H, T, D), k/v (B, Hkv, T, D)
@@ -189,7 +224,59 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.attention = "sdpa"  # the kernel of training's attention (ATTENTION_KERNELS); train.py picks it
+        self.guidance: list[tuple[str, int, int]] = []  # (pattern, layer, head): set_guidance
+        self.guidance_weight, self.guidance_mass = 0.0, 1.0
         self.reset_parameters()
+
+    def set_guidance(self, heads: Sequence[str], weight: float, mass: float) -> None:
+        """Guide attention heads to a pattern while training (`train.guided_heads`): each entry is
+        "PATTERN:LAYER.HEAD", PATTERN one of GUIDANCE_PATTERNS. The training loss gains `weight` x, for
+        each guided head, the mean over its queries of max(0, -log(attention on the pattern's keys) +
+        log(mass)): a hinge that asks for at least `mass` of the attention there and no more (asking
+        for all of it drives the scores to infinity). Evaluation and inference do not change.
+
+        Raises ValueError for an unknown pattern, a layer or head the model does not have, one head
+        guided twice, "induction" in layer 0 (it needs a previous-token head below it), or a weight
+        or mass out of range."""
+        if weight < 0 or not 0.0 < mass < 1.0:
+            raise ValueError(f"guidance weight must be >= 0 and mass in (0, 1), not {weight} and {mass}")
+        specs = []
+        for entry in heads:
+            pattern, _, where = entry.partition(":")
+            layer, _, head = where.partition(".")
+            if pattern not in GUIDANCE_PATTERNS or not layer.isdigit() or not head.isdigit():
+                raise ValueError(f"guided head {entry!r}: expected PATTERN:LAYER.HEAD, PATTERN one of "
+                                 f"{', '.join(GUIDANCE_PATTERNS)} (e.g. previous:0.0)")
+            layer, head = int(layer), int(head)
+            if layer >= self.cfg.n_layers or head >= self.cfg.n_heads:
+                raise ValueError(f"guided head {entry!r}: the model has layers 0-{self.cfg.n_layers - 1} "
+                                 f"and heads 0-{self.cfg.n_heads - 1}")
+            if pattern == "induction" and layer == 0:
+                raise ValueError(f"guided head {entry!r}: an induction head needs a layer below it to "
+                                 "find the previous token; guide one in layer 1 or later")
+            if any((layer, head) == (l, h) for _, l, h in specs):
+                raise ValueError(f"guided head {entry!r}: layer {layer} head {head} is guided twice")
+            specs.append((pattern, layer, head))
+        self.guidance, self.guidance_weight, self.guidance_mass = specs, float(weight), float(mass)
+        for i, block in enumerate(self.layers):
+            block.attn.guided = tuple(h for _, l, h in specs if l == i)
+            block.attn.guided_log_attention = None
+
+    def guidance_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        """The guidance term of the training loss (set_guidance) for the forward of idx (B, T) just run."""
+        B, T = idx.shape
+        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+        total = torch.zeros((), device=idx.device)
+        for pattern, layer, head in self.guidance:
+            attn = self.layers[layer].attn
+            log_attention = attn.guided_log_attention[:, attn.guided.index(head)]  # (B, T, T)
+            wanted = guidance_keys(pattern, idx, causal)  # (B, T, T): the keys each query should attend to
+            has = wanted.any(-1)  # (B, T): queries the pattern says something about
+            # -1e4 rather than -inf outside the wanted keys: a query with none stays finite (and is masked)
+            log_mass = torch.logsumexp(log_attention.masked_fill(~wanted, -1e4), dim=-1)  # (B, T)
+            shortfall = F.relu(math.log(self.guidance_mass) - log_mass)
+            total = total + (shortfall * has).sum() / has.sum().clamp(min=1)
+        return self.guidance_weight * total
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 * layers)."""
@@ -239,6 +326,8 @@ class Transformer(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            if self.guidance and self.training and cache is None:
+                loss = loss + self.guidance_loss(idx)
         return logits, loss
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:

@@ -414,6 +414,13 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
         raise ConfigError(f"model.size={cfg.model.size!r} is not resolved into a shape; train through pipeline.pretrain")
     torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
     model = Transformer(cfg.model).to(rt.device)
+    if tc.guided_heads:
+        if objective is not None and not isinstance(objective, NextTokenLoss):
+            raise ConfigError(f"train.guided_heads adds to the next-token loss; the {stage} stage trains another")
+        try:
+            model.set_guidance(tc.guided_heads, tc.guided_weight, tc.guided_mass)
+        except ValueError as e:
+            raise ConfigError(f"train.guided_heads: {e}") from None
     compiled = choice(tc.compile)  # None: "auto", decided after the first steps
     if compiled is None and rt.distributed:  # ranks must not decide apart: no switch mid-run
         compiled = rt.device.type == "cuda"
