@@ -59,7 +59,7 @@ def test_the_model_with_chunked_attention_trains_like_the_model_with_sdpa(monkey
     import tinylm.model
 
     calls = []
-    monkeypatch.setattr(tinylm.model, "chunked_causal_attention", lambda *a: calls.append(1) or chunked_causal_attention(*a))
+    monkeypatch.setattr(tinylm.model, "chunked_causal_attention", lambda *a, **kw: calls.append(1) or chunked_causal_attention(*a, **kw))
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=2 * CHUNK, vocab_size=101)
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -92,3 +92,40 @@ def test_the_attention_kernel_is_one_setting_resolved_in_one_place():
         attention_kernel(load_config("tiny", {"train.attention": "chunked"}).train, cuda)
     with pytest.raises(ConfigError, match="train.attention must be"):
         load_config("tiny", {"train.attention": "flash"})
+
+
+def test_the_log_mass_of_guided_heads_and_its_gradients_equal_the_textbook_formula():
+    """The guided heads' log attention on their key sets (model.py's guidance), computed inside the
+    kernel, against softmax, mask and log-sum-exp in fp64: values, which queries have keys, gradients."""
+    heads, kv_heads, T, B = 6, 2, 2 * CHUNK + 40, 2
+    (q, k, v), d_out = _inputs(heads, kv_heads, T, torch.float64, B=B)
+    idx = torch.randint(0, 5, (B, T), generator=torch.Generator().manual_seed(1))
+    guided = (4, 1)  # out of order, in different key/value groups
+    positions = torch.arange(T).expand(B, T)
+    before = torch.cat([torch.full_like(idx[:, :1], -1), idx[:, :-1]], dim=1)
+    labels = (torch.stack([positions, idx], 1), torch.stack([positions + 1, before], 1))  # previous token, induction
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    keys = (labels[0][..., :, None] == labels[1][..., None, :]) & causal  # (B, 2, T, T)
+    weights = torch.randn(B, 2, T, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def ours(q, k, v):
+        out, log_mass, has = chunked_causal_attention(q, k, v, guided, labels)
+        assert torch.equal(has, keys.any(-1))
+        return out, torch.where(has, log_mass, 0.0)
+
+    def textbook(q, k, v):
+        group = heads // kv_heads
+        scores = q @ k.repeat_interleave(group, 1).transpose(-1, -2) / q.shape[-1] ** 0.5
+        log_p = torch.log_softmax(scores.masked_fill(~causal, float("-inf")), -1)
+        log_mass = torch.logsumexp(log_p[:, list(guided)].masked_fill(~keys, float("-inf")), -1)
+        return log_p.exp() @ v.repeat_interleave(group, 1), torch.where(keys.any(-1), log_mass, 0.0)
+
+    results = []
+    for fn in (ours, textbook):
+        qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, log_mass = fn(*qkv)
+        results.append([out.detach(), log_mass.detach(),
+                        *torch.autograd.grad((out * d_out).sum() + (log_mass * weights).sum(), qkv)])
+    assert (results[1][1] < -0.5).any()  # the mass is far from all of it: the gradients are not trivial
+    for name, a, b in zip(("output", "log mass", "dq", "dk", "dv"), *results):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-9), name

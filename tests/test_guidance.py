@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from tinylm.attention import CHUNK
 from tinylm.config import ConfigError, ModelConfig, load_config
-from tinylm.model import Transformer, guidance_keys
+from tinylm.model import Transformer, guidance_keys, guidance_labels
 
 
 def _model(**kw) -> Transformer:
@@ -31,39 +32,64 @@ def _slow_keys(pattern: str, idx: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("pattern", ["previous", "induction"])
 def test_the_keys_of_each_pattern_match_a_loop_over_positions(pattern):
     idx = torch.randint(0, 4, (3, 17), generator=torch.Generator().manual_seed(1))  # few tokens: many repeats
-    causal = torch.ones(17, 17, dtype=torch.bool).tril()
-    keys = guidance_keys(pattern, idx, causal)
+    keys = guidance_keys(guidance_labels(pattern, idx))
     assert torch.equal(keys, _slow_keys(pattern, idx))
     assert keys.any()
 
 
-def test_the_guided_attention_is_the_attention_the_model_uses_and_the_loss_is_the_hinge():
-    model = _model()
+@pytest.mark.parametrize("kernel, T", [("sdpa", 32), ("chunked", 2 * CHUNK)])  # the chunked kernel computes the mass itself
+def test_the_guided_attention_is_the_attention_the_model_uses_and_the_loss_is_the_hinge(kernel, T):
+    model = _model(max_seq_len=T)
+    model.attention = kernel
     model.set_guidance(["previous:0.3", "induction:1.0"], weight=0.5, mass=0.05)  # early queries have more: the hinge is 0
-    outputs = {}
-    for i, block in enumerate(model.layers):  # record each layer's values and attention output
+    seen = {}
+    for i, block in enumerate(model.layers):  # record each layer's queries, keys and values
         def attend(q, k, v, *a, _orig=block.attn.attend, _i=i, **kw):
-            outputs[_i] = (v, _orig(q, k, v, *a, **kw))
-            return outputs[_i][1]
+            seen[_i] = (q.detach(), k.detach(), v.detach())
+            return _orig(q, k, v, *a, **kw)
         block.attn.attend = attend
-    idx = torch.randint(0, 11, (2, 32), generator=torch.Generator().manual_seed(2))
+    idx = torch.randint(0, 11, (2, T), generator=torch.Generator().manual_seed(2))
     model.train()
     _, loss = model(idx, idx)
     D, group = model.cfg.head_dim, model.cfg.n_heads // model.cfg.kv_heads
     expected = 0.0
     for pattern, layer, head in (("previous", 0, 3), ("induction", 1, 0)):
         attn = model.layers[layer].attn
-        probs = attn.guided_log_attention[:, attn.guided.index(head)].detach().exp()  # (B, T, T)
-        v, y = outputs[layer]
-        assert torch.allclose(probs @ v[:, head // group].float(), y[..., head * D:(head + 1) * D], atol=1e-5)
+        q, k, _ = seen[layer]
+        scores = (q[:, head] @ k[:, head // group].transpose(-1, -2)) / math.sqrt(D)  # (B, T, T)
+        probs = torch.softmax(scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")), -1)
         keys = _slow_keys(pattern, idx)
-        shortfalls = [max(0.0, math.log(0.05) - math.log(float(probs[b, i][keys[b, i]].sum())))
-                      for b in range(2) for i in range(32) if keys[b, i].any()]
+        log_mass = attn.guided_log_mass[:, attn.guided.index(head)].detach()  # (B, T), what the loss reads
+        assert torch.equal(attn.guided_has_keys[:, attn.guided.index(head)], keys.any(-1))
+        shortfalls = []
+        for b in range(2):
+            for i in range(T):
+                if keys[b, i].any():
+                    mass = float(probs[b, i][keys[b, i]].sum())
+                    assert math.isclose(math.exp(float(log_mass[b, i])), mass, rel_tol=1e-4, abs_tol=1e-6)
+                    shortfalls.append(max(0.0, math.log(0.05) - math.log(mass)))
         expected += sum(shortfalls) / len(shortfalls)
-    assert torch.allclose(model.guidance_loss(idx), torch.tensor(0.5 * expected), rtol=1e-5)
+    assert torch.allclose(model.guidance_loss(), torch.tensor(0.5 * expected), rtol=1e-4)
     model.eval()  # evaluation: the language-model loss alone
     _, plain = model(idx, idx)
-    assert torch.allclose(loss, plain + 0.5 * expected, rtol=1e-5) and expected > 0
+    assert torch.allclose(loss, plain + 0.5 * expected, rtol=1e-4) and expected > 0
+
+
+def test_the_chunked_kernel_gives_the_guidance_the_gradients_of_the_plain_computation():
+    """The log mass from inside the chunked kernel has the gradients of softmax, mask and log-sum-exp."""
+    model = _model(max_seq_len=2 * CHUNK, dim=64, n_heads=4, n_kv_heads=2)
+    model.set_guidance(["previous:0.1", "induction:1.2", "previous:1.3"], weight=1.0, mass=0.5)
+    idx = torch.randint(0, 5, (2, 2 * CHUNK), generator=torch.Generator().manual_seed(4))
+    model.train()
+    grads = {}
+    for kernel in ("sdpa", "chunked"):
+        model.attention = kernel
+        model.zero_grad()
+        model(idx, idx)[1].backward()
+        grads[kernel] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    assert float(model.guidance_loss().detach()) > 0
+    for name, reference in grads["sdpa"].items():
+        assert torch.allclose(grads["chunked"][name], reference, atol=1e-5, rtol=1e-4), name
 
 
 def test_training_guides_the_head_and_a_compiled_step_computes_the_same():
@@ -79,7 +105,7 @@ def test_training_guides_the_head_and_a_compiled_step_computes_the_same():
 
     def mass_on_previous() -> float:
         model(idx, idx)
-        return float(model.layers[0].attn.guided_log_attention[:, 0].exp().diagonal(-1, 1, 2).mean())
+        return float(model.layers[0].attn.guided_log_mass[:, 0, 1:].detach().exp().mean())  # query 0 has no previous token
 
     before = mass_on_previous()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

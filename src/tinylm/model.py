@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import applies as chunked_applies, chunked_causal_attention
+from .attention import OUTSIDE, applies as chunked_applies, chunked_causal_attention
 from .config import ModelConfig
 
 
@@ -113,16 +113,26 @@ ATTENTION_KERNELS = ("sdpa", "chunked")
 GUIDANCE_PATTERNS = ("previous", "induction")
 
 
-def guidance_keys(pattern: str, idx: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
-    """The keys each query of idx (B, T) should attend to under `pattern` (GUIDANCE_PATTERNS), as a
-    (B, T, T) bool matrix [batch, query, key] within the causal mask (T, T)."""
-    B, T = idx.shape
+def guidance_labels(pattern: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys each query of idx (B, T) should attend to under `pattern` (GUIDANCE_PATTERNS), as
+    labels: query i's keys are the keys j <= i whose key label equals its query label. Returns
+    (query labels, key labels), (B, T) each: previous: i and j + 1; induction: the token at i and the
+    token before j (-1 before the first)."""
     if pattern == "previous":
-        return torch.ones(T, T, dtype=torch.bool, device=idx.device).tril(-1).triu(-1).expand(B, T, T)
+        positions = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
+        return positions, positions + 1
     if pattern == "induction":
-        before = torch.cat([torch.full_like(idx[:, :1], -1), idx[:, :-1]], dim=1)  # the token before each key
-        return (idx[:, :, None] == before[:, None, :]) & causal
+        return idx, torch.cat([torch.full_like(idx[:, :1], -1), idx[:, :-1]], dim=1)
     raise ValueError(f"unknown guidance pattern {pattern!r}; choose from {', '.join(GUIDANCE_PATTERNS)}")
+
+
+def guidance_keys(labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The key sets of `labels` (guidance_labels, (..., T) each) as a causal (..., T, T) bool mask
+    [..., query, key]: what the chunked kernel computes a block at a time."""
+    query_labels, key_labels = labels
+    T = query_labels.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=query_labels.device).tril()
+    return (query_labels[..., :, None] == key_labels[..., None, :]) & causal
 
 
 class Attention(nn.Module):
@@ -134,8 +144,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.attention_dropout
-        self.guided: tuple[int, ...] = ()  # heads whose attention a guidance loss reads (Transformer.set_guidance)
-        self.guided_log_attention: torch.Tensor | None = None  # (B, len(guided), T, T), set by each training forward
+        # Guidance (Transformer.set_guidance): the heads guided; the labels of the keys each of their
+        # queries should attend to (guidance_labels, two (B, len(guided), T) tensors), set by
+        # Transformer.forward before each training forward; and, set by that forward, the log of the
+        # attention the queries put there and whether they have such keys, (B, len(guided), T) each.
+        self.guided: tuple[int, ...] = ()
+        self.guided_labels: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.guided_log_mass: torch.Tensor | None = None
+        self.guided_has_keys: torch.Tensor | None = None
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, attn_mask=None,
                 kernel: str = "sdpa"):
@@ -145,14 +161,13 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.guided and self.training and cache is None:
-            self.guided_log_attention = self.log_attention(q, k, self.guided)
         return self.wo(self.attend(q, k, v, cache, layer, attn_mask, kernel))
 
     def log_attention(self, q: torch.Tensor, k: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
         """The causal attention's log-probabilities of the given heads, computed apart from the kernel
         that attends (the same q and k, so the same pattern): q (B, H, T, D), k (B, Hkv, T, D) ->
-        (B, len(heads), T, T), fp32, -inf above the diagonal."""
+        (B, len(heads), T, T), fp32, -inf above the diagonal. Guidance's path where the chunked
+        kernel (which computes the log mass itself) does not run."""
         T, D = q.shape[2], q.shape[3]
         group = self.n_heads // self.n_kv_heads
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores (autocast would take `@` to bf16)
@@ -162,14 +177,25 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, cache: KVCache | None, layer: int, attn_mask, kernel: str = "sdpa") -> torch.Tensor:
         """softmax(q k^T / sqrt(D)) v over the cached and new keys: q (B, H, T, D), k/v (B, Hkv, T, D)
-        -> (B, T, H * D). `kernel`: "sdpa" (PyTorch's fused kernels), or "chunked" (attention.py) where it applies."""
+        -> (B, T, H * D). `kernel`: "sdpa" (PyTorch's fused kernels), or "chunked" (attention.py) where it applies.
+        In a training forward with guided heads, also sets `guided_log_mass` and `guided_has_keys`."""
         B, _, T, D = q.shape
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, cached + T, D)
         dropout = self.dropout if self.training else 0.0
+        guided = self.guided if self.training and cache is None else ()
         if kernel == "chunked" and cache is None and attn_mask is None and dropout == 0.0 and chunked_applies(q, T):
-            y = chunked_causal_attention(q, k, v)  # (B, H, T, D)
+            if guided:  # the kernel computes the log mass from its own scores
+                y, self.guided_log_mass, self.guided_has_keys = chunked_causal_attention(
+                    q, k, v, guided, self.guided_labels)
+            else:
+                y = chunked_causal_attention(q, k, v)  # (B, H, T, D)
         else:
+            if guided:
+                keys = guidance_keys(self.guided_labels)  # (B, Hg, T, T)
+                self.guided_log_mass = torch.logsumexp(
+                    self.log_attention(q, k, guided).masked_fill(~keys, OUTSIDE), dim=-1)
+                self.guided_has_keys = keys.any(-1)
             y = F.scaled_dot_product_attention(
                 q, k, v,
                 attn_mask=attn_mask,
@@ -260,22 +286,26 @@ class Transformer(nn.Module):
         self.guidance, self.guidance_weight, self.guidance_mass = specs, float(weight), float(mass)
         for i, block in enumerate(self.layers):
             block.attn.guided = tuple(h for _, l, h in specs if l == i)
-            block.attn.guided_log_attention = None
+            block.attn.guided_labels = block.attn.guided_log_mass = block.attn.guided_has_keys = None
 
-    def guidance_loss(self, idx: torch.Tensor) -> torch.Tensor:
-        """The guidance term of the training loss (set_guidance) for the forward of idx (B, T) just run."""
-        B, T = idx.shape
-        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-        total = torch.zeros((), device=idx.device)
-        for pattern, layer, head in self.guidance:
-            attn = self.layers[layer].attn
-            log_attention = attn.guided_log_attention[:, attn.guided.index(head)]  # (B, T, T)
-            wanted = guidance_keys(pattern, idx, causal)  # (B, T, T): the keys each query should attend to
-            has = wanted.any(-1)  # (B, T): queries the pattern says something about
-            # -1e4 rather than -inf outside the wanted keys: a query with none stays finite (and is masked)
-            log_mass = torch.logsumexp(log_attention.masked_fill(~wanted, -1e4), dim=-1)  # (B, T)
-            shortfall = F.relu(math.log(self.guidance_mass) - log_mass)
-            total = total + (shortfall * has).sum() / has.sum().clamp(min=1)
+    def _set_guided_labels(self, idx: torch.Tensor) -> None:
+        """Give each guided head the labels of the keys its pattern picks in idx (B, T), before a training forward."""
+        patterns = {(layer, head): pattern for pattern, layer, head in self.guidance}
+        for i, block in enumerate(self.layers):
+            if block.attn.guided:
+                labels = [guidance_labels(patterns[i, h], idx) for h in block.attn.guided]
+                block.attn.guided_labels = tuple(torch.stack(side, dim=1) for side in zip(*labels))
+
+    def guidance_loss(self) -> torch.Tensor:
+        """The guidance term of the training loss (set_guidance) for the training forward just run:
+        weight x the sum over guided heads of the mean over queries with keys of the hinge."""
+        total = torch.zeros((), device=self.output.weight.device)
+        for block in self.layers:
+            attn = block.attn
+            if attn.guided:
+                has = attn.guided_has_keys  # (B, Hg, T): the queries the pattern says something about
+                shortfall = F.relu(math.log(self.guidance_mass) - attn.guided_log_mass)  # (B, Hg, T)
+                total = total + ((shortfall * has).sum((0, 2)) / has.sum((0, 2)).clamp(min=1)).sum()
         return self.guidance_weight * total
 
     def reset_parameters(self) -> None:
@@ -317,6 +347,9 @@ class Transformer(nn.Module):
             cos, sin, attn_mask = self.rope_cos[:T], self.rope_sin[:T], None
         else:
             cos, sin, attn_mask = cache.rope_and_mask(T, self.rope_cos, self.rope_sin)
+        guided = bool(self.guidance) and self.training and cache is None
+        if guided:
+            self._set_guided_labels(idx)
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, attn_mask, self.attention)
@@ -326,8 +359,8 @@ class Transformer(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-            if self.guidance and self.training and cache is None:
-                loss = loss + self.guidance_loss(idx)
+            if guided:
+                loss = loss + self.guidance_loss()
         return logits, loss
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
