@@ -237,3 +237,25 @@ def test_a_missing_sft_corpus_stops_the_run_before_pretraining(corpus_file, tmp_
     err = capsys.readouterr().err
     assert code == 2 and "sft.corpus" in err and "nowhere.jsonl" in err, err
     assert not (tmp_path / "run" / "tokenizer").exists() and not (tmp_path / "run" / "pretrain").exists()
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_setting_refused_after_the_claim_leaves_no_output_behind(existed, prepared, tmp_path, capsys):
+    """The folder is claimed before training checks the model's settings: a refusal undoes the claim."""
+    out = tmp_path / "pretrain"
+    if existed:
+        out.mkdir()
+    code = main(["pretrain", "--shards", str(prepared["shards"]), "--config", "tiny", "--train.max_steps=1",
+                 "--train.guided_heads=previous:9.0", "--out", str(out)])  # tiny has 2 layers: refused in training
+    err = capsys.readouterr().err
+    assert code == 2 and "guided_heads" in err and "layers 0-1" in err, err
+    assert out.exists() == existed and (not existed or not any(out.iterdir()))
+
+
+def test_an_undone_claim_keeps_what_the_work_wrote(tmp_path):
+    from tinylm.files import MARKER, claimed_folder
+
+    with pytest.raises(RuntimeError), claimed_folder(tmp_path / "out", "run") as out:
+        (out / "corpus.jsonl").write_text("{}\n")
+        raise RuntimeError("failed after writing")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([MARKER, "corpus.jsonl"])

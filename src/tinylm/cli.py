@@ -8,6 +8,7 @@ shows a verb's own flags and `tinylm config-help` every config field.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -283,7 +284,7 @@ def cmd_import(args, overrides) -> int:
 def cmd_merge(args, overrides) -> int:
     from .checkpoint import checkpoint_config, find_checkpoint, load_checkpoint, save_checkpoint
     from .config import LoRAConfig
-    from .files import claim_folder, output_lock
+    from .files import claimed_folder, output_lock
 
     ckpt = find_checkpoint(args.checkpoint)
     model, _, meta = load_checkpoint(ckpt)  # adapters come back merged: W + (alpha / r) B A
@@ -291,8 +292,7 @@ def cmd_merge(args, overrides) -> int:
         raise ValueError(f"{ckpt} has no LoRA adapters: there is nothing to merge")
     cfg = dataclasses.replace(checkpoint_config(ckpt), lora=LoRAConfig())  # fine-tuning it further trains every weight unless asked
     out = Path(args.out or f"{ckpt.parent.parent}-merged")
-    with output_lock(out):
-        claim_folder(out, "merge", inputs=(ckpt,), legacy=("checkpoints",))
+    with output_lock(out), claimed_folder(out, "merge", inputs=(ckpt,), legacy=("checkpoints",)):
         target = save_checkpoint(out, model, cfg, ckpt, {**meta["trainer"], "merged_from": str(ckpt)}, keep_last=1)
     print(f"merged {ckpt} ({meta['lora']}) into {target}: {model.num_params():,} parameters")
     return 0
@@ -319,25 +319,24 @@ def _saved_config(checkpoint: str) -> Config:
 
 def cmd_generate(args, overrides) -> int:
     from .api import load
-    from .files import claim_folder, write_json, write_text
+    from .files import claimed_folder, write_json, write_text
 
     cfg = _config(args, overrides, base=_saved_config(args.checkpoint))
-    if args.out:
-        claim_folder(args.out, "generations", legacy=("generations.json",))
-    lm = load(args.checkpoint, device=args.device)
-    sampling = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "prompts"}
-    results = []
-    for prompt in args.prompt or cfg.sample.prompts:
-        print(prompt, end="", flush=True)
-        pieces = []
-        for piece in lm.stream(prompt, **sampling):
-            pieces.append(piece)
-            print(piece, end="", flush=True)
-        print("\n")
-        results.append({"prompt": prompt, "completion": "".join(pieces)})
-    if args.out:
-        write_json(Path(args.out) / "generations.json", {"checkpoint": lm.meta["path"], "samples": results})
-        write_text(Path(args.out) / "config.toml", to_toml(cfg))
+    with claimed_folder(args.out, "generations", legacy=("generations.json",)) if args.out else contextlib.nullcontext():
+        lm = load(args.checkpoint, device=args.device)
+        sampling = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "prompts"}
+        results = []
+        for prompt in args.prompt or cfg.sample.prompts:
+            print(prompt, end="", flush=True)
+            pieces = []
+            for piece in lm.stream(prompt, **sampling):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+            print("\n")
+            results.append({"prompt": prompt, "completion": "".join(pieces)})
+        if args.out:
+            write_json(Path(args.out) / "generations.json", {"checkpoint": lm.meta["path"], "samples": results})
+            write_text(Path(args.out) / "config.toml", to_toml(cfg))
     return 0
 
 
@@ -345,11 +344,10 @@ def cmd_chat(args, overrides) -> int:
     from .chat import chat_loop
 
     cfg = _config(args, overrides, base=_saved_config(args.checkpoint))
-    if args.out:
-        from .files import claim_folder
+    from .files import claimed_folder
 
-        claim_folder(args.out, "chat", legacy=("transcript.json",))
-    return chat_loop(args.checkpoint, cfg, device=args.device, system=args.system, out_dir=args.out)
+    with claimed_folder(args.out, "chat", legacy=("transcript.json",)) if args.out else contextlib.nullcontext():
+        return chat_loop(args.checkpoint, cfg, device=args.device, system=args.system, out_dir=args.out)
 
 
 def cmd_serve(args, overrides) -> int:

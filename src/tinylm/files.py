@@ -122,6 +122,24 @@ def claim_folder(folder: str | Path, kind: str, inputs: tuple = (), legacy: tupl
     return folder
 
 
+@contextlib.contextmanager
+def claimed_folder(folder: str | Path, kind: str, inputs: tuple = (), legacy: tuple[str, ...] = ()) -> Iterator[Path]:
+    """claim_folder for the work of the block: if the block raises while the folder still holds
+    nothing but the marker this call wrote, the claim is undone (the marker goes, and the folder too
+    if this call made it), so a refused setting or a bad input leaves no empty output behind."""
+    folder = Path(folder)
+    made, was_empty = not folder.exists(), not folder.is_dir() or not any(folder.iterdir())
+    claim_folder(folder, kind, inputs, legacy)
+    try:
+        yield folder
+    except BaseException:
+        if was_empty and [p.name for p in folder.iterdir()] == [MARKER]:
+            (folder / MARKER).unlink()
+            if made:
+                folder.rmdir()
+        raise
+
+
 def output_complete(folder: str | Path) -> bool:
     """True when every file the marker of an atomically built output lists is there with its size."""
     try:

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from .checkpoint import TOKENIZER_FILES, save_checkpoint
 from .config import Config, ModelConfig
 from .export import OUR_TO_HF
-from .files import claim_folder, output_lock, write_json
+from .files import claimed_folder, output_lock, write_json
 from .model import Transformer
 from .tokenizer import SPECIAL_TOKENS, Tokenizer, infer_kind
 
@@ -152,7 +152,6 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, context: int | None = Non
             _refuse("vocab_size", cfg.model.vocab_size, f"the tokenizer has {tok.vocab_size} tokens")
         model = Transformer(cfg.model)
         model.load_state_dict(tinylm_state_dict(read_weights(hf_dir), cfg.model), strict=True)
-        with output_lock(out_dir):
-            claim_folder(out_dir, "import", inputs=(hf_dir,), legacy=("checkpoints",))
+        with output_lock(out_dir), claimed_folder(out_dir, "import", inputs=(hf_dir,), legacy=("checkpoints",)):
             trainer = {"step": 0, "tokens": 0, "stage": "import", "source": str(hf_dir.resolve())}
             return save_checkpoint(out_dir, model, cfg, staging, trainer, keep_last=1)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .config import Config, ConfigError, TrainConfig, to_toml
 from .corpus import SPLIT_KEYS, corpus_files, files_fingerprint, load_split_keys
 from .data import PackedBatches
-from .files import claim_folder, hash_json, output_lock, read_json, sha256_file, write_json, write_text
+from .files import claimed_folder, hash_json, output_lock, read_json, sha256_file, write_json, write_text
 from .layout import RunLayout, sft_data
 from .plan import RunPlan, corpus_bytes
 from .prepare import _fresh, has_sources, prepare_data, say
@@ -182,9 +182,9 @@ def fine_tuning_start(cfg: Config, stage: str, init_checkpoint: Path, out_dir: P
     if plan is not None:
         plan.begin(f"{stage} data")
     if rt.is_main:
-        claim_folder(out_dir, stage, inputs=(init_checkpoint,), legacy=("checkpoints",))
-        _set_aside_if_base_changed(out_dir, init_checkpoint)
-        build_data()
+        with claimed_folder(out_dir, stage, inputs=(init_checkpoint,), legacy=("checkpoints",)):
+            _set_aside_if_base_changed(out_dir, init_checkpoint)
+            build_data()
     if rt.distributed:
         dist.barrier()
     tc = dataclasses.replace(cfg.stage_train(stage), init_from=str(init_checkpoint))
@@ -274,8 +274,7 @@ def run(cfg: Config, run_dir: str | Path, progress: bool = True, dpo: bool = Fal
     rt = setup_runtime(cfg.train)
     if not rt.is_main:
         return _run(cfg, run_dir, rt, progress, dpo, started)
-    with output_lock(run_dir):
-        claim_folder(run_dir, "run", legacy=("config.toml", "tokenizer"))
+    with output_lock(run_dir), claimed_folder(run_dir, "run", legacy=("config.toml", "tokenizer")):
         return _run(cfg, run_dir, rt, progress, dpo, started)
 
 
@@ -414,7 +413,6 @@ def train_on_documents(documents: list[dict], out_dir: str | Path, config: str |
     from .config import load_config
 
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
-    out_dir = claim_folder(out_dir, "run", legacy=("config.toml", "tokenizer"))  # before corpus.jsonl goes in
     fields = [text_field] if text_field else cfg.data.text_fields
     lines = []
     for n, doc in enumerate(documents):
@@ -422,9 +420,10 @@ def train_on_documents(documents: list[dict], out_dir: str | Path, config: str |
         if not isinstance(text, str):
             raise ValueError(f"document {n}: no text field {' or '.join(map(repr, fields))}")
         lines.append({"text": text, "source": doc.get("source", "memory") if isinstance(doc, dict) else "memory"})
-    corpus = out_dir / "corpus.jsonl"
-    new_content = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
-    if not corpus.is_file() or corpus.read_text(encoding="utf-8") != new_content:
-        write_text(corpus, new_content)
+    with claimed_folder(out_dir, "run", legacy=("config.toml", "tokenizer")):  # before corpus.jsonl goes in
+        corpus = Path(out_dir) / "corpus.jsonl"
+        new_content = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
+        if not corpus.is_file() or corpus.read_text(encoding="utf-8") != new_content:
+            write_text(corpus, new_content)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=[str(corpus)], text_fields=["text"]))
     return run(cfg, out_dir)

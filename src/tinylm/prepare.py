@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import Config, to_toml
 from .corpus import (CorpusError, corpus_files, corpus_fingerprint, files_fingerprint, read_documents, record_split,
                      save_split_keys, split_documents)
-from .files import check_output, claim_folder, hash_json, output_complete, output_lock, read_json, write_json, write_text
+from .files import check_output, claimed_folder, hash_json, output_complete, output_lock, read_json, write_json, write_text
 from .layout import RunLayout
 from .shards import build_shards
 from .tokenizer import Tokenizer, bytes_per_token, train_tokenizer
@@ -124,8 +124,7 @@ def collect_stage(cfg: Config, out_dir: str | Path) -> list[str]:
     from .collect import collect
 
     out_dir = Path(out_dir)
-    with output_lock(out_dir):
-        claim_folder(out_dir, "raw", inputs=corpus_files(cfg.collect.files), legacy=("manifest.json",))
+    with output_lock(out_dir), claimed_folder(out_dir, "raw", inputs=corpus_files(cfg.collect.files), legacy=("manifest.json",)):
         manifest = collect(cfg.collect, out_dir)
     write_text(out_dir / "config.toml", to_toml(cfg))
     total = sum(s["documents"] for s in manifest["sources"].values())

@@ -26,7 +26,7 @@ from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, lo
                          save_checkpoint)
 from .compiling import CompileTimer, choice, known_cost, plan_key, settled_pace
 from .config import Config, ConfigError, TrainConfig, to_toml
-from .files import claim_folder, output_lock, write_text
+from .files import claimed_folder, output_lock, write_text
 from .logs import MetricsLog, Tracker, format_duration
 from .lora import adapter_spec, add_adapters, trainable_parameters
 from .model import Transformer
@@ -402,8 +402,7 @@ def train(cfg: Config, out_dir: str | Path, rt: Runtime, train_batches, make_val
     inputs = (tokenizer_dir, *([cfg.train.init_from] if cfg.train.init_from else []))
     if not rt.is_main:
         return _train(cfg, out_dir, rt, train_batches, make_val_batches, tokenizer_dir, bytes_per_token, stage, objective)
-    with output_lock(out_dir):
-        claim_folder(out_dir, stage, inputs=inputs, legacy=("checkpoints",))
+    with output_lock(out_dir), claimed_folder(out_dir, stage, inputs=inputs, legacy=("checkpoints",)):
         return _train(cfg, out_dir, rt, train_batches, make_val_batches, tokenizer_dir, bytes_per_token, stage, objective)
 
 
