@@ -48,6 +48,8 @@ def stepper(way: str, preset: str, size: str):
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(rt.device)
     model.attention = attention_kernel(cfg.train, rt.device, True)
+    if cfg.train.guided_heads:  # as training sets them: the guidance is part of the step
+        model.set_guidance(cfg.train.guided_heads, cfg.train.guided_weight, cfg.train.guided_mass)
     if way == "blocks":
         for block in model.layers:
             block.compile()  # in place: the embedding, the final norm and the head stay eager

@@ -109,8 +109,8 @@ def _backward(q, k, v, out, lse, d_out, heads=(), labels=None, key_lse=None, d_l
     # A guided head's log mass adds g_i ([j in K_i] exp(s_ij - lse_K,i) - p_ij) to its ds: the - p_ij
     # part joins delta, the other is computed on the head's slice of the block and added to the
     # block as a broadcast under a one-hot over heads (a pointwise pass inductor vectorises).
-    one_hot = torch.eye(H, dtype=wide, device=q.device)[list(heads)]  # (Hg, H)
     if heads:
+        one_hot = torch.eye(H, dtype=wide, device=q.device)[list(heads)]  # (Hg, H)
         delta = delta + (one_hot[None, :, :, None] * d_log_mass.to(wide)[:, :, None, :]).sum(1)
     dk = torch.zeros(B, Hkv, T, D, dtype=wide, device=q.device)
     dv = torch.zeros_like(dk)
