@@ -24,36 +24,40 @@ def _slow_keys(pattern: str, idx: torch.Tensor) -> torch.Tensor:
             for j in range(i + 1):
                 if pattern == "previous":
                     keys[b, i, j] = j == i - 1
-                else:  # what followed an earlier occurrence of token i
+                elif pattern == "induction":  # what followed an earlier occurrence of token i
                     keys[b, i, j] = j >= 1 and int(idx[b, j - 1]) == int(idx[b, i])
+                else:  # what followed an earlier occurrence of the tokens i - 1 and i
+                    keys[b, i, j] = i >= 1 and j >= 2 and idx[b, j - 2:j].tolist() == idx[b, i - 1:i + 1].tolist()
     return keys
 
 
-@pytest.mark.parametrize("pattern", ["previous", "induction"])
+@pytest.mark.parametrize("pattern", ["previous", "induction", "induction2"])
 def test_the_keys_of_each_pattern_match_a_loop_over_positions(pattern):
     idx = torch.randint(0, 4, (3, 17), generator=torch.Generator().manual_seed(1))  # few tokens: many repeats
     keys = guidance_keys(guidance_labels(pattern, idx))
     assert torch.equal(keys, _slow_keys(pattern, idx))
     assert keys.any()
+    big = torch.tensor([0, 1, 2**20, 2**31 - 1])[idx]  # large ids (up to the limit): pairs such as (1, 0) and (0, 2**20) stay apart
+    assert torch.equal(guidance_keys(guidance_labels(pattern, big)), keys)
 
 
 @pytest.mark.parametrize("kernel, T", [("sdpa", 32), ("chunked", 2 * CHUNK)])  # the chunked kernel computes the mass itself
 def test_the_guided_attention_is_the_attention_the_model_uses_and_the_loss_is_the_hinge(kernel, T):
     model = _model(max_seq_len=T)
     model.attention = kernel
-    model.set_guidance(["previous:0.3", "induction:1.0"], weight=0.5, mass=0.05)  # early queries have more: the hinge is 0
+    model.set_guidance(["previous:0.3", "induction:1.0", "induction2:1.2"], weight=0.5, mass=0.05)  # early queries have more: the hinge is 0
     seen = {}
     for i, block in enumerate(model.layers):  # record each layer's queries, keys and values
         def attend(q, k, v, *a, _orig=block.attn.attend, _i=i, **kw):
             seen[_i] = (q.detach(), k.detach(), v.detach())
             return _orig(q, k, v, *a, **kw)
         block.attn.attend = attend
-    idx = torch.randint(0, 11, (2, T), generator=torch.Generator().manual_seed(2))
+    idx = torch.randint(0, 4, (2, T), generator=torch.Generator().manual_seed(2))  # few tokens: pairs repeat
     model.train()
     _, loss = model(idx, idx)
     D, group = model.cfg.head_dim, model.cfg.n_heads // model.cfg.kv_heads
     expected = 0.0
-    for pattern, layer, head in (("previous", 0, 3), ("induction", 1, 0)):
+    for pattern, layer, head in (("previous", 0, 3), ("induction", 1, 0), ("induction2", 1, 2)):
         attn = model.layers[layer].attn
         q, k, _ = seen[layer]
         scores = (q[:, head] @ k[:, head // group].transpose(-1, -2)) / math.sqrt(D)  # (B, T, T)
@@ -78,7 +82,7 @@ def test_the_guided_attention_is_the_attention_the_model_uses_and_the_loss_is_th
 def test_the_chunked_kernel_gives_the_guidance_the_gradients_of_the_plain_computation():
     """The log mass from inside the chunked kernel has the gradients of softmax, mask and log-sum-exp."""
     model = _model(max_seq_len=2 * CHUNK, dim=64, n_heads=4, n_kv_heads=2)
-    model.set_guidance(["previous:0.1", "induction:1.2", "previous:1.3"], weight=1.0, mass=0.5)
+    model.set_guidance(["previous:0.1", "induction:1.2", "previous:1.3", "induction2:1.0"], weight=1.0, mass=0.5)
     idx = torch.randint(0, 5, (2, 2 * CHUNK), generator=torch.Generator().manual_seed(4))
     model.train()
     grads = {}
@@ -118,7 +122,7 @@ def test_training_guides_the_head_and_a_compiled_step_computes_the_same():
 
 @pytest.mark.parametrize("heads, message", [
     (["next:0.0"], "PATTERN:LAYER.HEAD"), (["previous:0"], "PATTERN:LAYER.HEAD"), (["previous:2.0"], "layers 0-1"),
-    (["previous:0.4"], "heads 0-3"), (["induction:0.1"], "layer below"), (["previous:1.2", "induction:1.2"], "twice")])
+    (["previous:0.4"], "heads 0-3"), (["induction:0.1"], "layer below"), (["induction2:0.0"], "layer below"), (["previous:1.2", "induction:1.2"], "twice")])
 def test_bad_guided_heads_are_refused_by_name(heads, message):
     with pytest.raises(ValueError, match=message):
         _model().set_guidance(heads, weight=0.1, mass=0.7)

@@ -170,7 +170,7 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    guided_heads: list[str] = field(default_factory=list)  # heads guided to an attention pattern while training, "PATTERN:LAYER.HEAD": "previous:0.0" (attend to the previous token), "induction:1.0" (to what followed earlier occurrences of the current token); the logged training loss includes the guidance term, validation does not (model.set_guidance)
+    guided_heads: list[str] = field(default_factory=list)  # heads guided to an attention pattern while training, "PATTERN:LAYER.HEAD": "previous:0.0" (attend to the previous token), "induction:1.0" (to what followed earlier occurrences of the current token), "induction2:2.0" (of the last two tokens); the logged training loss includes the guidance term, validation does not (model.set_guidance)
     guided_weight: float = 0.1  # weight of the guidance term against the language-model loss
     guided_mass: float = 0.7  # the share of a guided head's attention asked for on its pattern's keys (a hinge: no pull beyond it)
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)

@@ -109,20 +109,27 @@ ATTENTION_KERNELS = ("sdpa", "chunked")
 #   previous:  each query attends to the token before it;
 #   induction: each query attends to the positions that follow an earlier occurrence of its own token
 #              (A B ... A -> B), where there is one: the pattern of an induction head (Olsson et al. 2022,
-#              "In-context learning and induction heads"), which copies what came next last time.
-GUIDANCE_PATTERNS = ("previous", "induction")
+#              "In-context learning and induction heads"), which copies what came next last time;
+#   induction2: the same on the last two tokens (A B C ... A B -> C): the positions that follow an earlier
+#              occurrence of the token pair ending at the query. Fewer keys, and more often the right ones.
+GUIDANCE_PATTERNS = ("previous", "induction", "induction2")
 
 
 def guidance_labels(pattern: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys each query of idx (B, T) should attend to under `pattern` (GUIDANCE_PATTERNS), as
     labels: query i's keys are the keys j <= i whose key label equals its query label. Returns
     (query labels, key labels), (B, T) each: previous: i and j + 1; induction: the token at i and the
-    token before j (-1 before the first)."""
+    token before j (-1 before the first); induction2: the pair of tokens at i - 1 and i and the pair at
+    j - 2 and j - 1, as one int64 (token ids below 2**31; -1 and -2 where there is no pair)."""
     if pattern == "previous":
         positions = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
         return positions, positions + 1
     if pattern == "induction":
         return idx, torch.cat([torch.full_like(idx[:, :1], -1), idx[:, :-1]], dim=1)
+    if pattern == "induction2":
+        pairs = idx[:, :-1].long() * 2**31 + idx[:, 1:].long()  # (B, T - 1): the pair ending at position t + 1
+        return (torch.cat([torch.full_like(pairs[:, :1], -1), pairs], dim=1),
+                torch.cat([torch.full_like(pairs[:, :2], -2), pairs[:, :-1]], dim=1))
     raise ValueError(f"unknown guidance pattern {pattern!r}; choose from {', '.join(GUIDANCE_PATTERNS)}")
 
 
@@ -262,7 +269,8 @@ class Transformer(nn.Module):
         for all of it drives the scores to infinity). Evaluation and inference do not change.
 
         Raises ValueError for an unknown pattern, a layer or head the model does not have, one head
-        guided twice, "induction" in layer 0 (it needs a previous-token head below it), or a weight
+        guided twice, "induction" or "induction2" in layer 0 (they need a layer below that brings the
+        previous tokens to each position), or a weight
         or mass out of range."""
         if weight < 0 or not 0.0 < mass < 1.0:
             raise ValueError(f"guidance weight must be >= 0 and mass in (0, 1), not {weight} and {mass}")
@@ -277,7 +285,7 @@ class Transformer(nn.Module):
             if layer >= self.cfg.n_layers or head >= self.cfg.n_heads:
                 raise ValueError(f"guided head {entry!r}: the model has layers 0-{self.cfg.n_layers - 1} "
                                  f"and heads 0-{self.cfg.n_heads - 1}")
-            if pattern == "induction" and layer == 0:
+            if pattern.startswith("induction") and layer == 0:
                 raise ValueError(f"guided head {entry!r}: an induction head needs a layer below it to "
                                  "find the previous token; guide one in layer 1 or later")
             if any((layer, head) == (l, h) for _, l, h in specs):
