@@ -112,24 +112,18 @@ def check_output(target: str | Path, kind: str, inputs: tuple = (), legacy: tupl
                       f"{kind} output: choose a new or empty folder")
 
 
-def claim_folder(folder: str | Path, kind: str, inputs: tuple = (), legacy: tuple[str, ...] = ()) -> Path:
-    """Check `folder` as an output of `kind` (see check_output), create it and mark it."""
+@contextlib.contextmanager
+def claimed_folder(folder: str | Path, kind: str, inputs: tuple = (), legacy: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Check `folder` as an output of `kind` (see check_output), create it and mark it for the work
+    of the block. If the block raises while the folder still holds nothing but the marker this call
+    wrote, the claim is undone (the marker goes, and the folder too if this call made it), so a
+    refused setting or a bad input leaves no empty output behind."""
     folder = Path(folder)
     check_output(folder, kind, inputs, legacy)
+    made, was_empty = not folder.exists(), not folder.is_dir() or not any(folder.iterdir())
     folder.mkdir(parents=True, exist_ok=True)
     if output_kind(folder) != kind:
         write_json(folder / MARKER, {"kind": kind})
-    return folder
-
-
-@contextlib.contextmanager
-def claimed_folder(folder: str | Path, kind: str, inputs: tuple = (), legacy: tuple[str, ...] = ()) -> Iterator[Path]:
-    """claim_folder for the work of the block: if the block raises while the folder still holds
-    nothing but the marker this call wrote, the claim is undone (the marker goes, and the folder too
-    if this call made it), so a refused setting or a bad input leaves no empty output behind."""
-    folder = Path(folder)
-    made, was_empty = not folder.exists(), not folder.is_dir() or not any(folder.iterdir())
-    claim_folder(folder, kind, inputs, legacy)
     try:
         yield folder
     except BaseException:
