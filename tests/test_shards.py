@@ -195,9 +195,10 @@ def test_later_epochs_cut_the_text_at_a_new_offset():
     assert offsets[0] == 0 and len(set(offsets[1:])) > 2 and all(0 <= o < 16 for o in offsets)
 
 
-def test_validation_windows_do_not_move():
-    """shuffle=False (validation) keeps the fixed windows of offset 0 and every window a shard holds."""
-    val = PackedBatches(_arrays(), seq_len=16, batch_size=3, seed=0, shuffle=False)
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_validation_windows_do_not_move(shuffle):
+    """recut=False (validation, in either order) keeps the fixed windows of offset 0 and every window a shard holds."""
+    val = PackedBatches(_arrays(), seq_len=16, batch_size=3, seed=0, shuffle=shuffle, recut=False)
     assert val.n_windows == 999 // 16 + 732 // 16
     for _ in range(2 * val.steps_per_epoch + 1):
         x, _ = val.next_batch()

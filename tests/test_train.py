@@ -4,6 +4,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 from tinylm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, remove_partial
 from tinylm.config import TrainConfig
 from tinylm.pipeline import pretrain
+from tinylm.shards import load_split
 from tinylm.train import lr_at
 
 from conftest import tiny_config
@@ -35,6 +37,26 @@ def test_pretraining_lowers_validation_loss(prepared, tmp_path):
     assert summary["steps"] == 60 and (tmp_path / "config.toml").is_file()
     log = (tmp_path / "train.log").read_text()
     assert "activations per micro-batch" in log and log.count("pace: ") == 1
+
+
+def test_validation_scores_every_held_out_window_once(prepared, tmp_path):
+    """With train.eval_batches covering the split, pretraining's validation loss is the mean loss of
+    every full window of the held-out shards at offset 0, each scored once: none left out, none
+    scored twice or cut at another offset (the training loader's per-epoch recut once did both)."""
+    cfg = _cfg(prepared, **{"train.max_steps": 2, "train.batch_size": 1, "train.eval_batches": 100_000,
+                            "train.eval_every": 0, "train.dtype": "fp32"})
+    summary = pretrain(cfg, prepared["shards"], tmp_path)
+    model = load_checkpoint(latest_checkpoint(tmp_path))[0].eval()
+    arrays, _ = load_split(prepared["shards"], "val")
+    seq = model.cfg.max_seq_len
+    losses = []
+    with torch.no_grad():
+        for a in arrays:
+            for start in range(0, len(a) - seq, seq):  # every window of seq + 1 tokens at offset 0
+                w = torch.from_numpy(a[start:start + seq + 1].astype(np.int64))[None]
+                losses.append(model(w[:, :-1], w[:, 1:])[1].item())
+    assert len(losses) > 10
+    assert summary["best_val_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
 
 
 def test_resumed_run_ends_with_the_same_weights(prepared, tmp_path):

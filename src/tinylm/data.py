@@ -74,22 +74,26 @@ class PackedBatches(EpochBatches):
     """Windows of seq_len + 1 tokens over memory-mapped shards (pretraining), non-overlapping within
     an epoch.
 
-    With `shuffle` (training), each epoch after the first cuts its windows at a fresh offset in
-    [0, seq_len), drawn from (seed, epoch): a text seen many times is not cut at the same places
-    every pass, so no token is always the first of a window (with no context) and the model does not
-    see the same (context, target) pairs again. Each shard keeps seq_len - 1 tokens spare for that
-    (one window fewer), so every epoch has the same number of windows.
+    With `recut` (training; the default is `shuffle`), each epoch after the first cuts its windows at
+    a fresh offset in [0, seq_len), drawn from (seed, epoch): a text seen many times is not cut at the
+    same places every pass, so no token is always the first of a window (with no context) and the
+    model does not see the same (context, target) pairs again. Each shard keeps seq_len - 1 tokens
+    spare for that (one window fewer), so every epoch has the same number of windows.
+
+    Validation shuffles its order (a part of the split is then a sample spread over all of it) but
+    does not recut: its windows are every full window at offset 0, each scored once per epoch.
     """
 
     changed_because = ("other data or context length; or a checkpoint from before the per-epoch shift, "
                        "which counted one window more per shard")
 
     def __init__(self, arrays: list[np.ndarray], seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world: int = 1, shuffle: bool = True):
+                 rank: int = 0, world: int = 1, shuffle: bool = True, recut: bool | None = None):
         self.arrays, self.seq_len = arrays, seq_len
+        self.recut = shuffle if recut is None else recut
         lengths = np.array([len(a) for a in arrays], dtype=np.int64)
         counts = np.maximum(0, (lengths - 1) // seq_len)
-        if shuffle:  # room to shift, where a shard has more than one window
+        if self.recut:  # room to shift, where a shard has more than one window
             counts = np.where(counts >= 2, (lengths - seq_len) // seq_len, counts)
         self.slack = np.maximum(0, lengths - 1 - counts * seq_len)  # the most a shard's windows can shift
         self.offsets = np.concatenate([[0], np.cumsum(counts)])  # window index -> shard via searchsorted
@@ -104,7 +108,7 @@ class PackedBatches(EpochBatches):
 
     def _make_order(self) -> np.ndarray:
         self.shift = 0
-        if self.shuffle and self.epoch > 0:
+        if self.recut and self.epoch > 0:
             self.shift = int(np.random.default_rng([self.seed, self.epoch, 1]).integers(self.seq_len))
         return super()._make_order()
 

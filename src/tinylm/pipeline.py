@@ -72,7 +72,7 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
     if val_windows >= rt.world * val_batch:
         n_val = min(tc.eval_batches, val_windows // (rt.world * val_batch))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n_val))
-        make_val = lambda: PackedBatches(val_arrays, seq, val_batch, VAL_SEED, rt.rank, rt.world)  # noqa: E731
+        make_val = lambda: PackedBatches(val_arrays, seq, val_batch, VAL_SEED, rt.rank, rt.world, recut=False)  # noqa: E731
         bpt = val_info["bytes"] / val_info["tokens"]
     elif rt.is_main:
         say(f"pretrain: validation split too small for one batch ({val_info['tokens']} tokens): no validation loss")
