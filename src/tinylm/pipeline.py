@@ -68,7 +68,7 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
     batches = PackedBatches(train_arrays, seq, tc.batch_size, tc.seed, rt.rank, rt.world)
     val_arrays, val_info = load_split(shards_dir, "val")
     make_val, bpt = None, None
-    val_windows = sum(max(0, (len(a) - 1) // seq) for a in val_arrays)
+    val_windows = sum(max(0, (len(a) - 1) // seq) for a in val_arrays)  # every full window: the validation loader's (no recut)
     if val_windows >= rt.world * val_batch:
         n_val = min(tc.eval_batches, val_windows // (rt.world * val_batch))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n_val))
