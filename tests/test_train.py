@@ -61,6 +61,22 @@ def test_validation_scores_every_held_out_window_once(prepared, tmp_path):
     assert summary["best_val_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
 
 
+def test_a_held_out_split_smaller_than_a_batch_trains_without_validation(prepared, tmp_path, capsys):
+    """Fewer held-out windows than one validation batch: pretraining runs, says there is no
+    validation loss, and records none (the count comes from the validation loader itself)."""
+    seq = prepared["cfg"].model.max_seq_len
+    count = lambda split: sum((len(a) - 1) // seq for a in load_split(prepared["shards"], split)[0])  # noqa: E731
+    val_windows, train_windows = count("val"), count("train")
+    assert 1 <= val_windows < train_windows
+    cfg = _cfg(prepared, **{"train.max_steps": 1, "train.batch_size": val_windows + 1, "train.eval_every": 1,
+                            "train.save_every": 0, "train.dtype": "fp32"})
+    summary = pretrain(cfg, prepared["shards"], tmp_path)
+    assert "validation split too small for one batch" in capsys.readouterr().out
+    assert summary["steps"] == 1 and summary["best_val_loss"] == float("inf")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records and not any("val_loss" in r for r in records)
+
+
 def test_resumed_run_ends_with_the_same_weights(prepared, tmp_path):
     """Steps 7-12 replayed from the step-6 checkpoint give bit-identical weights."""
     cfg = _cfg(prepared, **{"train.max_steps": 12, "train.save_every": 6, "train.keep_last": 5,

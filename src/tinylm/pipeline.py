@@ -67,12 +67,16 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
     val_batch = max(1, val_tokens // seq)
     batches = PackedBatches(train_arrays, seq, tc.batch_size, tc.seed, rt.rank, rt.world)
     val_arrays, val_info = load_split(shards_dir, "val")
-    make_val, bpt = None, None
-    val_windows = sum(max(0, (len(a) - 1) // seq) for a in val_arrays)  # every full window: the validation loader's (no recut)
-    if val_windows >= rt.world * val_batch:
-        n_val = min(tc.eval_batches, val_windows // (rt.world * val_batch))
+    bpt = None
+    # Validation never recuts: every full window, each scored at most once. Its batches are counted
+    # from the loader itself, so the count and the windows it hands out cannot disagree.
+    make_val = lambda: PackedBatches(val_arrays, seq, val_batch, VAL_SEED, rt.rank, rt.world, recut=False)  # noqa: E731
+    try:
+        n_val = min(tc.eval_batches, make_val().steps_per_epoch)
+    except ValueError:  # fewer full windows than one validation batch
+        make_val = None
+    if make_val is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n_val))
-        make_val = lambda: PackedBatches(val_arrays, seq, val_batch, VAL_SEED, rt.rank, rt.world, recut=False)  # noqa: E731
         bpt = val_info["bytes"] / val_info["tokens"]
     elif rt.is_main:
         say(f"pretrain: validation split too small for one batch ({val_info['tokens']} tokens): no validation loss")
