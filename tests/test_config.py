@@ -83,6 +83,22 @@ def test_fine_tuning_takes_train_lr_for_the_embedding_unless_its_table_sets_one(
         load_config("tiny", ["train.embedding_lr=-1"])
 
 
+def test_a_short_context_first_is_refused_where_it_cannot_do_what_it_says():
+    """train.short_seq_len must divide the model's context and come with a share of the run; a share
+    alone, or a short context for fine-tuning's whole examples, would do nothing: refused by name."""
+    full = load_config("tiny").model.max_seq_len
+    cfg = load_config("tiny", [f"train.short_seq_len={full // 2}", "train.short_seq_fraction=0.6"])
+    assert (cfg.train.short_seq_len, cfg.stage_train("sft").short_seq_len) == (full // 2, 0)  # pretraining only
+    for flags, refusal in (([f"train.short_seq_len={full // 2}"], "short_seq_fraction is the share"),
+                           ([f"train.short_seq_len={full // 2}", "train.short_seq_fraction=1"], "short_seq_fraction is the share"),
+                           (["train.short_seq_fraction=0.5"], "does nothing without train.short_seq_len"),
+                           ([f"train.short_seq_len={full // 2 + 1}", "train.short_seq_fraction=0.5"], "divide it"),
+                           ([f"train.short_seq_len={full}", "train.short_seq_fraction=0.5"], "must be shorter"),
+                           ([f"sft.train.short_seq_len={full // 2}"], "sft.train.short_seq_len: a short context first is for pretraining")):
+        with pytest.raises(ConfigError, match=refusal):
+            load_config("tiny", flags)
+
+
 def test_sft_trains_with_train_settings_under_its_own_table(tmp_path):
     cfg = load_config("tiny", ["train.lr=2e-3", "train.grad_clip=0.5", "sft.train.lr=1e-5"])
     pre, sft = cfg.stage_train("pretrain"), cfg.stage_train("sft")

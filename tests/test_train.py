@@ -49,16 +49,7 @@ def test_validation_scores_every_held_out_window_once(prepared, tmp_path):
                             "train.eval_every": 0, "train.dtype": "fp32"})
     summary = pretrain(cfg, prepared["shards"], tmp_path)
     model = load_checkpoint(latest_checkpoint(tmp_path))[0].eval()
-    arrays, _ = load_split(prepared["shards"], "val")
-    seq = model.cfg.max_seq_len
-    losses = []
-    with torch.no_grad():
-        for a in arrays:
-            for start in range(0, len(a) - seq, seq):  # every window of seq + 1 tokens at offset 0
-                w = torch.from_numpy(a[start:start + seq + 1].astype(np.int64))[None]
-                losses.append(model(w[:, :-1], w[:, 1:])[1].item())
-    assert len(losses) > 10
-    assert summary["best_val_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    assert summary["best_val_loss"] == pytest.approx(_every_window_loss(model, prepared, model.cfg.max_seq_len), abs=1e-5)
 
 
 def test_a_held_out_split_smaller_than_a_batch_trains_without_validation(prepared, tmp_path, capsys):
@@ -95,6 +86,63 @@ def test_resumed_run_ends_with_the_same_weights(prepared, tmp_path):
     # and the replay really trained: step 12 differs from step 6
     six = _weights(resumed / "step-0000006")
     assert not all(torch.equal(six[k], b[k]) for k in six)
+
+
+def test_a_short_context_first_grows_at_its_share_of_the_run_and_resumes_exactly(prepared, tmp_path, monkeypatch):
+    """train.short_seq_len: the first half of 12 steps at half the context and twice the batch (the same
+    tokens a step), the rest at the full context; resumed from a checkpoint before the switch and from one
+    after it, the run ends with the same weights bit for bit."""
+    from tinylm.data import GrowingBatches
+
+    shapes = []
+    real_next = GrowingBatches.next_batch
+    monkeypatch.setattr(GrowingBatches, "next_batch", lambda self: shapes.append(tuple((b := real_next(self))[0].shape)) or b)
+    full, batch = prepared["cfg"].model.max_seq_len, prepared["cfg"].train.batch_size
+    cfg = _cfg(prepared, **{"train.max_steps": 12, "train.save_every": 4, "train.keep_last": 5, "train.eval_every": 4,
+                            "train.short_seq_len": full // 2, "train.short_seq_fraction": 0.5, "train.dtype": "fp32"})
+    pretrain(cfg, prepared["shards"], tmp_path / "straight")
+    assert shapes == [(2 * batch, full // 2)] * 6 + [(batch, full)] * 6
+    log = (tmp_path / "straight" / "train.log").read_text()
+    assert f"context: {full} tokens at batch {batch} from step 7 (50% of the run" in log
+    final = _weights(tmp_path / "straight/checkpoints/step-0000012")
+    for before in (4, 8):  # in the short phase, and after the switch
+        resumed = tmp_path / f"from{before}" / "checkpoints"
+        resumed.mkdir(parents=True)
+        shutil.copytree(tmp_path / f"straight/checkpoints/step-{before:07d}", resumed / f"step-{before:07d}")
+        shapes.clear()
+        pretrain(cfg, prepared["shards"], tmp_path / f"from{before}")
+        assert shapes == [(2 * batch, full // 2)] * (6 - before if before < 6 else 0) + [(batch, full)] * min(6, 12 - before)
+        again = _weights(resumed / "step-0000012")
+        assert all(torch.equal(final[k], again[k]) for k in final)
+    # a checkpoint of the other layout is refused by name, not resumed into other batches
+    plain = _cfg(prepared, **{"train.max_steps": 12, "train.dtype": "fp32"})
+    with pytest.raises(ValueError, match="trained on a short context first"):
+        pretrain(plain, prepared["shards"], tmp_path / "straight")
+
+
+def test_a_short_context_first_still_validates_at_the_full_context(prepared, tmp_path):
+    """Validation scores every held-out window of the model's full context, whatever context trained last."""
+    full = prepared["cfg"].model.max_seq_len
+    cfg = _cfg(prepared, **{"train.max_steps": 2, "train.batch_size": 1, "train.eval_batches": 100_000,
+                            "train.eval_every": 1, "train.short_seq_len": full // 2, "train.short_seq_fraction": 0.9,
+                            "train.dtype": "fp32", "train.save_every": 1, "train.keep_last": 5})
+    pretrain(cfg, prepared["shards"], tmp_path)
+    first = load_checkpoint(tmp_path / "checkpoints" / "step-0000001")[0].eval()  # still in the short phase
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 1 and records[0]["val_loss"] == pytest.approx(_every_window_loss(first, prepared, full), abs=1e-4)
+
+
+def _every_window_loss(model, prepared, seq):
+    """The mean loss of every full window of seq + 1 held-out tokens at offset 0, each scored once."""
+    arrays, _ = load_split(prepared["shards"], "val")
+    losses = []
+    with torch.no_grad():
+        for a in arrays:
+            for start in range(0, len(a) - seq, seq):
+                w = torch.from_numpy(a[start:start + seq + 1].astype(np.int64))[None]
+                losses.append(model(w[:, :-1], w[:, 1:])[1].item())
+    assert len(losses) > 10
+    return sum(losses) / len(losses)
 
 
 def test_dropout_from_epoch_leaves_the_first_pass_undropped(prepared, tmp_path):
@@ -592,6 +640,42 @@ def test_a_compile_is_timed_over_a_second_of_steps_at_least(tmp_path, monkeypatc
     assert said == 2 + math.ceil((MIN_TIMED_S - 0.23) / 0.03)  # when a second of steps is in
     cost = known_cost("k", torch.device("cpu"), torch.float32, 6)
     assert cost.measured and cost.speedup == pytest.approx(2.0) and cost.compile_s == pytest.approx(9.97, abs=0.05)  # kept to 0.1 s
+
+
+def test_a_step_that_changes_shape_remembers_both_compiles(tmp_path, monkeypatch):
+    """train.short_seq_len compiles the step twice: the cost remembered is both compiles, recorded once the
+    second is measured; a shape change before the first measurement gives the measurement up."""
+    from tinylm.compiling import CompileTimer, cache_file, known_cost
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    timer = CompileTimer(0.06, "k", reshapes=1)
+    said = [timer.step(dt) for dt in [10.0] + [0.03] * 40]
+    assert any(x and "compiles again" in x for x in said) and not cache_file().exists()  # waits for the second
+    assert timer.step(0.03) is None and not timer.done
+    timer.reshaped()
+    said = [timer.step(dt) for dt in [5.0] + [0.05] * 30]
+    assert any(x and "the new shape took 5 s" in x for x in said) and timer.done
+    cost = known_cost("k", torch.device("cpu"), torch.float32, 6)
+    assert cost.measured and cost.speedup == pytest.approx(2.0) and cost.compile_s == pytest.approx(14.9, abs=0.1)
+    early = CompileTimer(0.06, "e", reshapes=1)
+    early.step(10.0)
+    early.reshaped()
+    assert early.done and early.step(0.03) is None and "e" not in json.loads(cache_file().read_text())
+
+
+@pytest.mark.slow
+def test_a_compiled_step_that_changes_shape_trains_both_shapes(prepared, tmp_path, monkeypatch):
+    """train.compile = true with a short context first: the compiled step takes both shapes (one
+    specialised compile each) and training goes on past the switch."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    full = prepared["cfg"].model.max_seq_len
+    cfg = _cfg(prepared, **{"train.max_steps": 8, "train.compile": "true", "train.eval_every": 0, "train.dtype": "fp32",
+                            "train.short_seq_len": full // 2, "train.short_seq_fraction": 0.5, "train.log_every": 1})
+    summary = pretrain(cfg, prepared["shards"], tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert summary["steps"] == 8 and len(losses) == 8 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert f"context: {full} tokens" in (tmp_path / "run" / "train.log").read_text()
 
 
 @pytest.mark.slow

@@ -62,10 +62,14 @@ def device_name(device: torch.device) -> str:
         return platform.processor() or platform.machine()
 
 
-def plan_key(model_cfg, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int) -> str:
-    """What a compile time and speed-up depend on: torch, the device, the dtype, the model, the batch."""
+def plan_key(model_cfg, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int,
+             then: tuple[int, int] | None = None) -> str:
+    """What a compile time and speed-up depend on: torch, the device, the dtype, the model, the batch
+    (sequences x tokens) and, for a step that changes shape later (`train.short_seq_len`), the batch
+    `then`, whose compile is part of the cost."""
     return hash_json({"torch": torch.__version__, "device": device_name(device), "threads": torch.get_num_threads(),
-                      "dtype": str(dtype), "model": asdict(model_cfg), "batch": [batch_size, seq_len]})
+                      "dtype": str(dtype), "model": asdict(model_cfg),
+                      "batch": [batch_size, seq_len] + (list(then) if then else [])})
 
 
 @dataclass
@@ -126,22 +130,45 @@ def settled_pace(step_times: list[float], min_steps: int) -> float | None:
 
 class CompileTimer:
     """Measures a compile switched on mid-run: the first compiled step's extra time, then the pace
-    (`settled_pace` of the compiled steps after it, against the eager one)."""
+    (`settled_pace` of the compiled steps after it, against the eager one). A step that changes shape
+    later in the run (`train.short_seq_len`) compiles again then: with `reshapes`, the record waits for
+    `reshaped()` and the next compile's time, so the cost remembered is every compile the run makes
+    (the speed-up is the first shape's)."""
 
-    def __init__(self, eager_step_s: float, key: str, steps: int = 5):
-        self.eager_step_s, self.key, self.steps = eager_step_s, key, steps
+    def __init__(self, eager_step_s: float, key: str, steps: int = 5, reshapes: int = 0):
+        self.eager_step_s, self.key, self.steps, self.reshapes = eager_step_s, key, steps, reshapes
         self.times: list[float] = []
+        self.compile_s = 0.0
         self.speedup: float | None = None  # once measured
+        self.waiting = False  # a shape measured, the next compile still to come
+        self.done = False  # recorded, or given up
+
+    def reshaped(self) -> None:
+        """The step's shape changed: the next step compiles anew (before a first measurement: given up)."""
+        self.done = self.done or self.speedup is None
+        self.times, self.waiting = [], False
 
     def step(self, dt: float) -> str | None:
-        """Feed each compiled step's time; returns a log line once the measurement is recorded."""
-        self.times.append(dt)
-        compiled = settled_pace(self.times[1:], self.steps)
-        if compiled is None:
+        """Feed each compiled step's time; returns a log line once a shape's compile is measured."""
+        if self.waiting or self.done:
             return None
-        compile_s = max(0.0, self.times[0] - compiled)
-        self.speedup = speedup = self.eager_step_s / compiled
-        record_cost(self.key, compile_s, speedup)
-        return (f"compile: took {compile_s:.0f} s; steps {speedup:.2f}x faster ({self.eager_step_s:.3f} -> "
-                f"{compiled:.3f} s); remembered in {cache_file()} for the next run"
-                + ("; slower than eager here: training on eagerly" if speedup < 1 else ""))
+        self.times.append(dt)
+        pace = settled_pace(self.times[1:], self.steps)
+        if pace is None:
+            return None
+        took = max(0.0, self.times[0] - pace)
+        self.compile_s += took
+        if self.speedup is None:
+            self.speedup = self.eager_step_s / pace
+            said = (f"compile: took {took:.0f} s; steps {self.speedup:.2f}x faster ({self.eager_step_s:.3f} -> "
+                    f"{pace:.3f} s)")
+        else:
+            said = f"compile: the new shape took {took:.0f} s ({pace:.3f} s a step)"
+        if self.reshapes and self.speedup >= 1:
+            self.reshapes -= 1
+            self.waiting = True
+            return said + "; the step changes shape later and compiles again"
+        record_cost(self.key, self.compile_s, self.speedup)
+        self.done = True
+        return (said + f"; remembered in {cache_file()} for the next run"
+                + ("; slower than eager here: training on eagerly" if self.speedup < 1 else ""))

@@ -166,6 +166,8 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warm-up, in optimizer steps; with warmup_fraction, the fewest it takes (up to a quarter of the run)
     warmup_fraction: float = 0.0  # linear warm-up as a share of the run (of max_time when time ends it): every machine reaches the peak
     dropout_from_epoch: float = 0.0  # model.dropout and attention_dropout apply from this pass over the training tokens on: 0 = from the start, 1 = once the data repeat (the first pass cannot overfit; dropout there only slows learning)
+    short_seq_len: int = 0  # pretraining on windows of this many tokens first (at max_seq_len / short_seq_len times the batch: the same tokens a step), then on model.max_seq_len; 0 = the full context throughout. A sequence-length warm-up in two phases (Li et al. 2022): short steps are cheaper and the model learns the near context first (data.GrowingBatches)
+    short_seq_fraction: float = 0.0  # with short_seq_len: the share of the run at the short context, in the schedule's measure (of max_time when time ends the run, like warmup_fraction)
     weight_decay: float = 0.1  # weight decay (decoupled), applied to matrices only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
@@ -192,7 +194,7 @@ class TrainConfig:
 # override says otherwise. `compile` is off: SFT batches vary in width, so it would compile several times.
 SFT_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 5e-4, "embedding_lr": 0.0, "guided_heads": [], "warmup_steps": 20, "batch_size": 16, "max_steps": 0,
                                       "max_epochs": 1.0, "max_tokens": 0, "max_time": 0.0, "eval_every": 100,
-                                      "compile": "false"}
+                                      "compile": "false", "short_seq_len": 0, "short_seq_fraction": 0.0}
 
 
 @dataclass
@@ -206,7 +208,7 @@ class SFTConfig:
 # The [train] settings that preference alignment changes, as SFT_TRAIN_DEFAULTS does for fine-tuning.
 DPO_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "embedding_lr": 0.0, "guided_heads": [], "warmup_steps": 10, "batch_size": 8, "max_steps": 200,
                                       "max_epochs": 0.0, "max_tokens": 0, "max_time": 0.0, "eval_every": 50,
-                                      "compile": "false"}
+                                      "compile": "false", "short_seq_len": 0, "short_seq_fraction": 0.0}
 
 
 @dataclass
@@ -305,6 +307,22 @@ class Config:
         ([dpo.train] for DPO)."""
         return dataclasses.replace(self.train, **getattr(self, stage).train) if stage in ("sft", "dpo") else self.train
 
+    def _validate_short_context(self) -> None:
+        for stage in ("sft", "dpo"):
+            if getattr(self, stage).train.get("short_seq_len"):
+                raise ConfigError(f"{stage}.train.short_seq_len: a short context first is for pretraining's packed "
+                                  f"windows; {stage} trains on whole examples")
+        short, share, full = self.train.short_seq_len, self.train.short_seq_fraction, self.model.max_seq_len
+        if not short:
+            if share:
+                raise ConfigError(f"train.short_seq_fraction={share} does nothing without train.short_seq_len: set both")
+            return
+        if short < 0 or short >= full or full % short:
+            raise ConfigError(f"train.short_seq_len={short} must be shorter than model.max_seq_len={full} and divide it")
+        if not 0.0 < share < 1.0:
+            raise ConfigError(f"train.short_seq_fraction is the share of the run at train.short_seq_len, between 0 "
+                              f"and 1 (exclusive), not {share}")
+
     def validate(self) -> "Config":
         self.model.validate()
         if self.tokenizer.kind not in ("bpe", "sentencepiece"):
@@ -325,6 +343,7 @@ class Config:
             raise ConfigError(f"train.embedding_lr is a learning rate, >= 0 (0 = train.lr), not {self.train.embedding_lr}")
         if not 0.0 <= self.train.dropout_from_epoch < math.inf:
             raise ConfigError(f"train.dropout_from_epoch is a pass over the training tokens, >= 0, not {self.train.dropout_from_epoch}")
+        self._validate_short_context()
         if self.train.guided_weight < 0 or not 0.0 < self.train.guided_mass < 1.0:
             raise ConfigError(f"train.guided_weight must be >= 0 and train.guided_mass in (0, 1), "
                               f"not {self.train.guided_weight} and {self.train.guided_mass}")

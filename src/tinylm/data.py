@@ -63,6 +63,9 @@ class EpochBatches:
         return {"epoch": self.epoch, "cursor": self.cursor, "n_windows": self.n_windows}
 
     def load_state_dict(self, state: dict) -> None:
+        if "short" in state:
+            raise ValueError("the checkpoint trained on a short context first (train.short_seq_len, "
+                             f"{state['short'].get('seq_len')} tokens): set it as then to resume")
         if state.get("n_windows") != self.n_windows:
             raise ValueError(f"the training items changed since the checkpoint: {state.get('n_windows')} then, "
                              f"{self.n_windows} now ({self.changed_because})")
@@ -121,3 +124,75 @@ class PackedBatches(EpochBatches):
         rows = np.stack([self._window(i) for i in indices]).astype(np.int64)  # (B, T + 1)
         tokens = torch.from_numpy(rows)
         return tokens[:, :-1], tokens[:, 1:]
+
+
+class GrowingBatches:
+    """Sequence-length warm-up in two phases: packed windows of `short_len` tokens at
+    `seq_len // short_len` times the batch until `grow()`, then windows of `seq_len` tokens at
+    `batch_size`; every step has the same tokens (batch x context). After Li et al. 2022, "The
+    Stability-Efficiency Dilemma: Investigating Sequence Length Warmup for Training GPT Models",
+    which grows the context in many steps; two suffice here (`train.short_seq_len`).
+
+    The short steps cost less (attention's work per token grows with the context) and the model
+    learns the near context first; the full phase teaches the far one. Each phase is a PackedBatches
+    over the same shards with the same seed; the state holds both and the phase, so a resumed run
+    continues in the phase, epoch and cursor it stopped at. `progress` (passes over the training
+    tokens) adds the two phases' passes.
+
+    Raises ValueError if `seq_len` is not a multiple of `short_len`, or (PackedBatches) if the shards
+    hold too few windows for one step of either phase.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], short_len: int, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world: int = 1):
+        if not 0 < short_len < seq_len or seq_len % short_len:
+            raise ValueError(f"a short context of {short_len} tokens does not divide the full {seq_len}")
+        self.short = PackedBatches(arrays, short_len, batch_size * (seq_len // short_len), seed, rank, world)
+        self.full = PackedBatches(arrays, seq_len, batch_size, seed, rank, world)
+        self.grown = False
+
+    @property
+    def current(self) -> PackedBatches:
+        return self.full if self.grown else self.short
+
+    def grow(self) -> None:
+        """From the next batch on, windows of the full context."""
+        self.grown = True
+
+    @property
+    def seq_len(self) -> int:
+        return self.current.seq_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.current.batch_size
+
+    @property
+    def windows_per_step(self) -> int:
+        return self.current.windows_per_step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.current.steps_per_epoch
+
+    @property
+    def progress(self) -> float:
+        return self.short.progress + self.full.progress
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.current.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"grown": self.grown, "short": {**self.short.state_dict(), "seq_len": self.short.seq_len},
+                "full": self.full.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "short" not in state:
+            raise ValueError("the checkpoint trained on the full context from the start: resume it without "
+                             "train.short_seq_len")
+        if state["short"].get("seq_len") != self.short.seq_len:
+            raise ValueError(f"the checkpoint trained on a short context of {state['short'].get('seq_len')} tokens "
+                             f"first, this run on {self.short.seq_len}: set train.short_seq_len as then to resume")
+        self.short.load_state_dict(state["short"])
+        self.full.load_state_dict(state["full"])
+        self.grown = bool(state["grown"])

@@ -38,7 +38,8 @@ def shard(model: torch.nn.Module, rt) -> None:
 
 def wrap(model: torch.nn.Module, rt, tc, compiled: bool) -> torch.nn.Module:
     """The module the training step calls: compiled if `compiled`, inside DDP when there are ranks to sync."""
-    compiled = torch.compile(model) if compiled else model
+    # a step that changes shape (train.short_seq_len) compiles once per shape, each specialised
+    compiled = torch.compile(model, dynamic=False if tc.short_seq_len else None) if compiled else model
     if rt.distributed and not is_sharded(rt, tc):
         return DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     return compiled

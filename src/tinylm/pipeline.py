@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .config import Config, ConfigError, TrainConfig, to_toml
 from .corpus import SPLIT_KEYS, corpus_files, files_fingerprint, load_split_keys
-from .data import PackedBatches
+from .data import GrowingBatches, PackedBatches
 from .files import claimed_folder, hash_json, output_lock, read_json, sha256_file, write_json, write_text
 from .layout import RunLayout, sft_data
 from .plan import RunPlan, corpus_bytes
@@ -65,7 +65,13 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
         cfg = dataclasses.replace(cfg, model=model_cfg, train=tc)
         seq = model_cfg.max_seq_len
     val_batch = max(1, val_tokens // seq)
-    batches = PackedBatches(train_arrays, seq, tc.batch_size, tc.seed, rt.rank, rt.world)
+    if tc.short_seq_len:  # a short context first, then the full one (sequence-length warm-up)
+        if seq % tc.short_seq_len or tc.short_seq_len >= seq:
+            raise ConfigError(f"train.short_seq_len={tc.short_seq_len} must be shorter than the model's context of "
+                              f"{seq} tokens and divide it")
+        batches = GrowingBatches(train_arrays, tc.short_seq_len, seq, tc.batch_size, tc.seed, rt.rank, rt.world)
+    else:
+        batches = PackedBatches(train_arrays, seq, tc.batch_size, tc.seed, rt.rank, rt.world)
     val_arrays, val_info = load_split(shards_dir, "val")
     bpt = None
     # Validation never recuts: every full window, each scored at most once. Its batches are counted

@@ -450,6 +450,10 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
         progress = _restore(resume_from, model, optimizer, scaler, train_batches, rt, tc, tokenizer_dir)
         for group, mark in zip(optimizer.param_groups, embedding_marks):  # loading takes the saved groups' keys,
             group["embedding"] = mark                                     # which older checkpoints lack
+    growing = not getattr(train_batches, "grown", True)  # data.GrowingBatches before its full context
+    if tc.short_seq_len and not hasattr(train_batches, "grow"):
+        raise ConfigError(f"train.short_seq_len: a short context first is for pretraining's packed windows; the "
+                          f"{stage} stage trains on whole examples")
     wrapped = wrap(model, rt, tc, bool(compiled))
 
     tokens_per_step = train_batches.windows_per_step * train_batches.seq_len * tc.grad_accum  # at most (SFT pads less)
@@ -461,6 +465,10 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
     if rt.is_main:
         write_text(out_dir / "config.toml", to_toml(cfg))
         log.line(_preflight(model, rt, tokens_per_step, total_steps, tc, resume_from, stage, peak))
+        if growing:
+            log.line(f"context: {train_batches.seq_len} tokens at batch {train_batches.batch_size} for the first "
+                     f"{tc.short_seq_fraction:.0%} of the run, then {cfg.model.max_seq_len} at batch {tc.batch_size} "
+                     f"(train.short_seq_len)")
 
     def save() -> None:
         weights, optim_state = full_state(model, optimizer, rt, tc)  # collective under FSDP
@@ -493,7 +501,6 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
     bar = tqdm(total=total_steps, initial=progress.step, desc=stage, unit="step", disable=not rt.is_main or None,
                dynamic_ncols=True, leave=False)
     wrapped.train()
-    compile_key = plan_key(cfg.model, rt.device, rt.dtype, tc.batch_size, train_batches.seq_len) if compiled is None else ""
     compile_timer, eager_times = None, []
     pace = Pace(tc)
     last_saved = progress.step if resume_from else -1
@@ -502,7 +509,18 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
     try:
         while fraction_done(progress, tc, total_steps) < 1.0 and not stop.agreed:
             t0 = time.perf_counter()
-            lr = lr_at(progress.step, fraction_done(progress, tc, total_steps), tc, pace.expected_steps(progress, total_steps))
+            fraction = fraction_done(progress, tc, total_steps)
+            if growing and fraction >= tc.short_seq_fraction:  # the full context from this step on
+                train_batches.grow()
+                growing = False
+                flops_per_token = model.flops_per_token(train_batches.seq_len)
+                if compile_timer is not None:
+                    compile_timer.reshaped()
+                if rt.is_main:
+                    log.line(f"context: {train_batches.seq_len} tokens at batch {train_batches.batch_size} from step "
+                             f"{progress.step + 1:,} ({fraction:.0%} of the run; train.short_seq_fraction="
+                             f"{tc.short_seq_fraction:g})")
+            lr = lr_at(progress.step, fraction, tc, pace.expected_steps(progress, total_steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr * (embedding_scale if group.get("embedding") else 1.0)
             dropout_on = train_batches.progress >= tc.dropout_from_epoch
@@ -529,17 +547,21 @@ def _train(cfg: Config, out_dir: Path, rt: Runtime, train_batches, make_val_batc
                 if compile_timer.speedup < 1:  # measured slower (an AVX2 CPU: 0.95x): back to the eager step
                     model.attention = attention_kernel(tc, rt.device, False)
                     wrapped = step.wrapped = wrap(model, rt, tc, False)
+            if compile_timer is not None and compile_timer.done:
                 compile_timer = None
             if compiled is None and steps_run > 1:  # "auto": the eager steps after the first (its warm-up)
                 eager_times.append(dt)
                 eager_s = settled_pace(eager_times, PACE_AFTER - 1)
                 if eager_s is not None:  # the eager pace is known now
-                    compiled, said = _decide_compile(progress, tc, total_steps, eager_s, compile_key, rt, cfg.model.n_layers)
+                    then = (tc.batch_size, cfg.model.max_seq_len) if growing else None  # a second compile to come
+                    compile_key = plan_key(cfg.model, rt.device, rt.dtype, train_batches.batch_size, train_batches.seq_len, then)
+                    compiled, said = _decide_compile(progress, tc, total_steps, eager_s, compile_key, rt,
+                                                     cfg.model.n_layers * (2 if growing else 1))
                     log.line(said)
                     if compiled:
                         model.attention = attention_kernel(tc, rt.device, True)
                         wrapped = step.wrapped = wrap(model, rt, tc, True)
-                        compile_timer = CompileTimer(eager_s, compile_key)
+                        compile_timer = CompileTimer(eager_s, compile_key, reshapes=int(growing))
 
             record = {"step": progress.step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                       "tok_per_s": round(tokens / dt), "tokens": progress.tokens,
@@ -814,13 +836,15 @@ PACE_AFTER = 3  # steps: the first ones include compilation and warm-up
 
 
 def _decide_compile(progress: Progress, tc: TrainConfig, total_steps: int | None, eager_step_s: float, key: str,
-                    rt: Runtime, n_layers: int) -> tuple[bool, str]:
-    """`train.compile = "auto"`: compile now if it pays back within what is left of the run."""
+                    rt: Runtime, blocks: int) -> tuple[bool, str]:
+    """`train.compile = "auto"`: compile now if it pays back within what is left of the run. `blocks`: the
+    transformer blocks to compile in all, for the estimate before a measurement (a step that changes shape
+    later, train.short_seq_len, compiles them twice)."""
     remaining = [(total_steps - progress.step) * eager_step_s] if total_steps else []
     if tc.max_time:
         remaining.append(tc.max_time - progress.elapsed)
     left = min(remaining)
-    cost = known_cost(key, rt.device, rt.dtype, n_layers)
+    cost = known_cost(key, rt.device, rt.dtype, blocks)
     verdict = "compiling now" if cost.pays(left) else "not compiling"
     return cost.pays(left), (f"compile (auto): {verdict}: {cost.describe()}; about {format_duration(left)} of "
                              f"training left at {eager_step_s:.3f} s/step eager")
