@@ -498,7 +498,7 @@ def test_validation_runs_the_plain_module_not_the_compiled_step(prepared, tmp_pa
     wrappers, validated = [], []
     real_evaluate = train_module.evaluate
 
-    def fake_compile(model):
+    def fake_compile(model, **options):
         wrappers.append(Compiled(model))
         return wrappers[-1]
 
