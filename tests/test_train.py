@@ -54,7 +54,7 @@ def test_validation_scores_every_held_out_window_once(prepared, tmp_path):
 
 def test_a_held_out_split_smaller_than_a_batch_trains_without_validation(prepared, tmp_path, capsys):
     """Fewer held-out windows than one validation batch: pretraining runs, says there is no
-    validation loss, and records none (the count comes from the validation loader itself)."""
+    validation loss, and records none (the validation loader refuses to be built; pretraining goes on)."""
     seq = prepared["cfg"].model.max_seq_len
     count = lambda split: sum((len(a) - 1) // seq for a in load_split(prepared["shards"], split)[0])  # noqa: E731
     val_windows, train_windows = count("val"), count("train")

@@ -81,11 +81,11 @@ def pretrain(cfg: Config, shards_dir: str | Path, out_dir: str | Path, rt: Runti
         n_val = min(tc.eval_batches, make_val().steps_per_epoch)
     except ValueError:  # fewer full windows than one validation batch
         make_val = None
-    if make_val is not None:
+        if rt.is_main:
+            say(f"pretrain: validation split too small for one batch ({val_info['tokens']} tokens): no validation loss")
+    else:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n_val))
         bpt = val_info["bytes"] / val_info["tokens"]
-    elif rt.is_main:
-        say(f"pretrain: validation split too small for one batch ({val_info['tokens']} tokens): no validation loss")
     return train(cfg, out_dir, rt, batches, make_val, tokenizer_dir, bytes_per_token=bpt, stage="pretrain")
 
 
