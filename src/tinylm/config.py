@@ -315,7 +315,7 @@ class Config:
         short, share, full = self.train.short_seq_len, self.train.short_seq_fraction, self.model.max_seq_len
         if not short:
             if share:
-                raise ConfigError(f"train.short_seq_fraction={share} does nothing without train.short_seq_len: set both")
+                raise ConfigError(f"train.short_seq_fraction={share} does nothing without train.short_seq_len: set both (or both to 0)")
             return
         if short < 0 or short >= full or full % short:
             raise ConfigError(f"train.short_seq_len={short} must be shorter than model.max_seq_len={full} and divide it")
